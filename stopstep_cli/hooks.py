@@ -1,0 +1,208 @@
+"""The hook lifecycle, modelled on TensorFlow's session-run hooks.
+
+A *session* here is one run of the training command; a *run* is one step
+observation. The supervisor calls, for every hook in order:
+
+- ``begin()`` once, before the command is started;
+- ``after_create_session(session, coord)`` once the command runs, with
+  ``session.global_step`` the step it starts at (None on a fresh run);
+- for each observation: ``before_run(ctx)`` on all hooks, then
+  ``after_run(ctx, values)`` on all hooks, ``values.results`` holding what that
+  hook's ``before_run`` asked for (fetch names: ``global_step`` and the named
+  groups of the matching pattern, such as ``loss``);
+- ``end(session)`` when the run ends normally or by a requested stop (not when
+  the command crashed or stopstep was interrupted).
+
+A stop requested by any hook takes effect after every hook's ``after_run``.
+``../shared/reference/tf-hooks.md`` has the TensorFlow semantics this follows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, List, Mapping, NamedTuple, Optional, Sequence
+
+
+class SessionRunArgs(NamedTuple):
+    """What a hook's ``before_run`` asks for: fetch names, in any nesting of
+    lists, tuples and dicts. ``feed_dict`` and ``options`` are kept for
+    compatibility with TensorFlow hooks and are not used."""
+
+    fetches: Any
+    feed_dict: Any = None
+    options: Any = None
+
+
+class SessionRunValues(NamedTuple):
+    """What ``after_run`` gets: ``results`` in the structure of the fetches."""
+
+    results: Any
+    options: Any = None
+    run_metadata: Any = None
+
+
+class SessionRunContext:
+    """Shared by all hooks for one observation."""
+
+    def __init__(self, original_args: SessionRunArgs, session: "TrainingSession"):
+        self._original_args = original_args
+        self._session = session
+        self._stop_requested = False
+        self.stop_reason: Optional[str] = None
+        self.stop_exit_code = 0
+
+    @property
+    def original_args(self) -> SessionRunArgs:
+        return self._original_args
+
+    @property
+    def session(self) -> "TrainingSession":
+        return self._session
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
+
+    def request_stop(self, reason: Optional[str] = None, exit_code: int = 0) -> None:
+        """Ask the supervisor to stop the command after this observation.
+
+        ``reason`` and ``exit_code`` are stopstep's extension: they become the
+        report's ``reason`` and stopstep's exit status. The first request wins.
+        """
+        if not self._stop_requested:
+            self.stop_reason = reason or "hook_requested"
+            self.stop_exit_code = exit_code
+        self._stop_requested = True
+
+
+class TrainingSession:
+    """What hooks see of the supervised command (read-only for hooks).
+
+    ``global_step`` is the latest step observed (the step the run starts at, or
+    None, in ``after_create_session``); ``start_step`` is where it started;
+    ``pid`` the command's process id; ``argv`` the command.
+    """
+
+    def __init__(self, argv: Sequence[str], pid: Optional[int] = None, start_step: Optional[int] = None):
+        self.argv = list(argv)
+        self.pid = pid
+        self.start_step = start_step
+        self.global_step = start_step
+        self.fields: Mapping[str, object] = {}
+
+    def __repr__(self) -> str:
+        return f"TrainingSession(pid={self.pid}, global_step={self.global_step})"
+
+
+class Coordinator:
+    """The ``coord`` passed to ``after_create_session``: a stop switch like
+    ``tf.train.Coordinator``'s, shared by the whole supervision."""
+
+    def __init__(self) -> None:
+        self._stop = False
+        self.reason: Optional[str] = None
+        self.exit_code = 0
+
+    def request_stop(self, reason: Optional[str] = None, exit_code: int = 0) -> None:
+        if not self._stop:
+            self.reason = reason or "hook_requested"
+            self.exit_code = exit_code
+        self._stop = True
+
+    def should_stop(self) -> bool:
+        return self._stop
+
+
+class SessionRunHook:
+    """Base class for hooks; every method is optional."""
+
+    def begin(self) -> None:
+        pass
+
+    def after_create_session(self, session: TrainingSession, coord: Coordinator) -> None:
+        pass
+
+    def before_run(self, run_context: SessionRunContext) -> Optional[SessionRunArgs]:
+        return None
+
+    def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
+        pass
+
+    def end(self, session: TrainingSession) -> None:
+        pass
+
+
+class StopAtStepHook(SessionRunHook):
+    """Requests a stop once the global step reaches a target.
+
+    ``last_step`` is absolute; ``num_steps`` counts from the step of the first
+    session (0 on a fresh run) and is anchored once: a recovered session does
+    not move the target, as in TensorFlow.
+    """
+
+    def __init__(self, num_steps: Optional[int] = None, last_step: Optional[int] = None):
+        if num_steps is None and last_step is None:
+            raise ValueError("One of num_steps or last_step must be specified.")
+        if num_steps is not None and last_step is not None:
+            raise ValueError("Only one of num_steps or last_step can be specified.")
+        self._num_steps = num_steps
+        self._last_step = last_step
+
+    @property
+    def last_step(self) -> Optional[int]:
+        """The absolute target; None until anchored when only num_steps was given."""
+        return self._last_step
+
+    def after_create_session(self, session: TrainingSession, coord: Coordinator) -> None:
+        if self._last_step is None:
+            self._last_step = (session.global_step or 0) + self._num_steps
+
+    def before_run(self, run_context: SessionRunContext) -> SessionRunArgs:
+        return SessionRunArgs("global_step")
+
+    def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
+        step = run_values.results
+        if step is not None and self._last_step is not None and step >= self._last_step:
+            run_context.request_stop(reason="target_reached")
+
+
+def resolve_fetches(fetches: Any, values: Mapping[str, object]) -> Any:
+    """The values for ``fetches`` in the same structure (None for unknown names)."""
+    if fetches is None:
+        return None
+    if isinstance(fetches, str):
+        return values.get(fetches)
+    if isinstance(fetches, Mapping):
+        return {key: resolve_fetches(value, values) for key, value in fetches.items()}
+    if isinstance(fetches, tuple) and hasattr(fetches, "_fields"):  # namedtuple
+        return type(fetches)(*(resolve_fetches(f, values) for f in fetches))
+    if isinstance(fetches, (list, tuple)):
+        return type(fetches)(resolve_fetches(f, values) for f in fetches)
+    raise TypeError(f"fetch {fetches!r} is not a name, list, tuple or dict")
+
+
+class HookRunner:
+    """Calls a list of hooks through the lifecycle, in order."""
+
+    def __init__(self, hooks: Iterable[SessionRunHook]):
+        self.hooks: List[SessionRunHook] = list(hooks)
+
+    def begin(self) -> None:
+        for hook in self.hooks:
+            hook.begin()
+
+    def after_create_session(self, session: TrainingSession, coord: Coordinator) -> None:
+        for hook in self.hooks:
+            hook.after_create_session(session, coord)
+
+    def run(self, session: TrainingSession, values: Mapping[str, object]) -> SessionRunContext:
+        """One observation through before_run and after_run of every hook."""
+        ctx = SessionRunContext(SessionRunArgs(list(values)), session)
+        requests = [hook.before_run(ctx) for hook in self.hooks]
+        for hook, args in zip(self.hooks, requests):
+            fetches = args.fetches if args is not None else None
+            hook.after_run(ctx, SessionRunValues(resolve_fetches(fetches, values)))
+        return ctx
+
+    def end(self, session: TrainingSession) -> None:
+        for hook in self.hooks:
+            hook.end(session)

@@ -1,0 +1,413 @@
+"""The supervision loop: one thread, one ``poll``.
+
+It pumps the command's output through (scanning each read for steps), feeds
+every new step through the hooks, acts on stop requests, passes signals on,
+and brings the process tree down. The stop signal is sent the moment a hook
+asks for it, before the read that carried the step is even written out;
+everything slower (walking the process tree, messages) comes after.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+import time
+import traceback
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from . import report as reasons
+from .console import Console
+from .errors import EXIT_KILLED, EXIT_TARGET_NOT_REACHED, StopstepError
+from .hooks import Coordinator, HookRunner, SessionRunHook, StopAtStepHook, TrainingSession
+from .patterns import StepFormat
+from .process import TERMINATING_SIGNALS, ProcessTree, SignalInbox, become_subreaper, status_to_exit_code
+from .report import RunReport
+from .scanner import LineScanner, Observation
+
+READ_SIZE = 1 << 20
+EXIT_HOOK_FAILED = 5
+#: How often the process tree is walked while it is being brought down.
+TREE_CHECK_FIRST = 0.005
+TREE_CHECK_MAX = 0.1
+
+
+class HookFailed(StopstepError):
+    exit_code = EXIT_HOOK_FAILED
+
+
+class _Stream:
+    """One output stream of the command: where it is read and where it goes."""
+
+    def __init__(self, name: str, in_fd: int, out_fd: int, scanner: LineScanner):
+        self.name = name
+        self.in_fd = in_fd
+        self.out_fd = out_fd
+        self.scanner = scanner
+        self.open = True
+
+
+class Supervisor:
+    """Runs one command under the hooks until it exits or a hook stops it.
+
+    ``target`` is the :class:`StopAtStepHook` whose ``last_step`` the report
+    calls ``target_step`` (it runs first, before ``hooks``). The result of
+    :meth:`run` is a :class:`RunReport`; its ``exit_code`` is stopstep's status.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        target: Optional[StopAtStepHook] = None,
+        hooks: Iterable[SessionRunHook] = (),
+        formats: Sequence[StepFormat] = (),
+        stop_signal: int = signal.SIGINT,
+        grace_period: float = 30.0,
+        require_target: bool = False,
+        env: Optional[Dict[str, str]] = None,
+        console: Optional[Console] = None,
+        start_step: Optional[int] = None,
+    ):
+        from .patterns import resolve_formats
+
+        self.argv = list(argv)
+        self.target = target
+        self.runner = HookRunner(([target] if target else []) + list(hooks))
+        self.formats = tuple(formats) or resolve_formats()
+        self.stop_signal = signal.Signals(stop_signal)
+        self.grace_period = float(grace_period)
+        self.require_target = require_target
+        self.env = dict(os.environ if env is None else env)
+        self.env.setdefault("PYTHONUNBUFFERED", "1")
+        self.console = console or Console()
+        self.tree = ProcessTree(self.argv, self.env, death_signal=self.stop_signal)
+        self.coord = Coordinator()
+        self.session = TrainingSession(self.argv, start_step=start_step)
+        self.report = RunReport(command=self.argv, start_step=start_step)
+
+        self._buf = bytearray(READ_SIZE)
+        self._view = memoryview(self._buf)
+        self._streams: Dict[int, _Stream] = {}
+        self._poller = select.poll()
+        self._started = 0.0
+        self._global_step: Optional[int] = start_step
+        self._first_seen_at: Optional[float] = None
+        self._last_seen_at: Optional[float] = None
+        self._stopping = False  # a stop (or a terminating signal) was sent
+        self._stop_exit_code = 0
+        self._deadline: Optional[float] = None  # SIGKILL after this
+        self._exited = False  # the command itself has exited
+        self._leftovers_signalled = False
+        self._next_tree_check = 0.0
+        self._tree_check_interval = TREE_CHECK_FIRST
+        self._done = False
+        self._pending: List[str] = []  # messages held until the output is written
+        self._hook_error: Optional[BaseException] = None
+
+    # -- the run ------------------------------------------------------------
+
+    def run(self) -> RunReport:
+        if not sys.platform.startswith("linux"):
+            raise StopstepError(f"stopstep supervises processes on Linux only, not on {sys.platform}")
+        self._started = time.monotonic()
+        inbox = SignalInbox()
+        try:
+            become_subreaper()
+            self._call_hooks("begin", self.runner.begin)
+            if self._hook_error is not None:
+                raise HookFailed(str(self._hook_error))
+            self.tree.spawn()
+            self.report.pid = self.session.pid = self.tree.pid
+            self.tree.prepare_walks()  # while the command starts up, not when stopping
+            self.console.debug(f"started pid {self.tree.pid}: {' '.join(self.argv)}")
+            self._call_hooks("after_create_session",
+                             lambda: self.runner.after_create_session(self.session, self.coord))
+            self.report.target_step = self.target.last_step if self.target else None
+            if self._hook_error is not None:
+                self._stop("hook_error", EXIT_HOOK_FAILED)
+            self._add_stream("stdout", self.tree.stdout_fd, 1)
+            self._add_stream("stderr", self.tree.stderr_fd, 2)
+            self._poller.register(inbox.fileno(), select.POLLIN)
+            while not self._done:
+                self._step(inbox)
+            self._finish()
+        finally:
+            for stream in list(self._streams.values()):
+                self._close(stream)
+            inbox.close()
+        return self.report
+
+    def _step(self, inbox: SignalInbox) -> None:
+        timeout = None
+        if self._stopping or self._exited:
+            wake = self._next_tree_check
+            if self._deadline is not None:
+                wake = min(wake, self._deadline)
+            timeout = max(0.0, wake - time.monotonic()) * 1000.0
+        for fd, _events in self._poller.poll(timeout):
+            if fd == inbox.fileno():
+                self._on_signals(inbox.drain())
+            elif fd in self._streams:
+                self._pump(self._streams[fd])
+        if not self._exited and self.tree.poll_exit() is not None:
+            self._on_command_exit()
+        if self._stopping or self._exited:
+            self._check_tree()
+
+    # -- output ---------------------------------------------------------------
+
+    def _add_stream(self, name: str, in_fd: int, out_fd: int) -> None:
+        stream = _Stream(name, in_fd, out_fd, LineScanner(self.formats, name))
+        self._streams[in_fd] = stream
+        self._poller.register(in_fd, select.POLLIN)
+
+    def _pump(self, stream: _Stream) -> int:
+        """One read: scan it, act on its steps, then pass it through. Bytes read."""
+        try:
+            n = os.readv(stream.in_fd, [self._buf])
+        except BlockingIOError:
+            return 0
+        except OSError:
+            n = 0
+        if n == 0:
+            self._close(stream)
+            return 0
+        for obs in stream.scanner.feed(self._buf, n):
+            self._observe(obs)
+        if stream.out_fd >= 0:
+            self._write_out(stream, n)
+        self._flush_messages()
+        return n
+
+    def _write_out(self, stream: _Stream, n: int) -> None:
+        view, done = self._view, 0
+        while done < n:
+            try:
+                done += os.write(stream.out_fd, view[done:n])
+            except BlockingIOError:  # an inherited non-blocking stdout
+                select.select([], [stream.out_fd], [], 1.0)
+            except InterruptedError:
+                continue
+            except BrokenPipeError:
+                # Whoever read our output is gone. Close the command's end too,
+                # so it sees what it would have seen without stopstep.
+                self.console.debug(f"{stream.name} closed by its reader; closing the command's {stream.name}")
+                stream.out_fd = -1
+                self._close(stream)
+                return
+
+    def _close(self, stream: _Stream) -> None:
+        if not stream.open:
+            return
+        stream.open = False
+        try:
+            self._poller.unregister(stream.in_fd)
+        except (KeyError, ValueError):
+            pass
+        os.close(stream.in_fd)
+        self._streams.pop(stream.in_fd, None)
+
+    def _drain(self) -> None:
+        """Read what the pipes still hold, without waiting for writers that may never close them."""
+        for stream in list(self._streams.values()):
+            os.set_blocking(stream.in_fd, False)
+            while stream.open and self._pump(stream) > 0:
+                pass
+
+    # -- steps and hooks ------------------------------------------------------
+
+    def _observe(self, obs: Observation) -> None:
+        report = self.report
+        report.observations_coalesced += obs.coalesced
+        if report.first_step_seen is None:
+            report.first_step_seen = obs.step
+            self._first_seen_at = obs.time
+        previous = self._global_step
+        if previous is not None and obs.step <= previous:
+            if obs.step < previous:
+                self.console.debug(f"step went backwards on {obs.source}: {obs.step} after {previous}")
+            return
+        self._global_step = obs.step
+        self._last_seen_at = obs.time
+        report.last_step_seen = obs.step
+        if self._stopping:
+            return
+        session = self.session
+        session.global_step = obs.step
+        session.fields = obs.fields
+        values = {"global_step": obs.step}
+        values.update(obs.fields)
+        report.observations += 1
+        ctx = None
+
+        def run_hooks():
+            nonlocal ctx
+            ctx = self.runner.run(session, values)
+
+        self._call_hooks("before_run/after_run", run_hooks)
+        if self._hook_error is not None:
+            self._stop("hook_error", EXIT_HOOK_FAILED)
+        elif ctx.stop_requested:
+            self._stop(ctx.stop_reason, ctx.stop_exit_code)
+            if ctx.stop_reason == reasons.TARGET_REACHED:
+                self._announce_target(obs)
+        elif self.coord.should_stop():
+            self._stop(self.coord.reason, self.coord.exit_code)
+
+    def _announce_target(self, obs: Observation) -> None:
+        target = self.report.target_step
+        if self.report.observations == 1 and target is not None and obs.step > target:
+            self._pending.append(f"first step seen ({obs.step}) is already past the target ({target}); stopping")
+        else:
+            self._pending.append(
+                f"step {obs.step} reached (target {target}); sent {self.stop_signal.name} "
+                f"to the command's process group"
+            )
+
+    def _call_hooks(self, what: str, call) -> None:
+        try:
+            call()
+        except Exception as exc:  # a user hook: report it, then bring the tree down
+            self._hook_error = exc
+            self.console.error(f"a hook raised in {what}: {type(exc).__name__}: {exc}")
+            self.console.error("".join(traceback.format_exception(exc)).rstrip().replace("\n", "\n    "))
+
+    def _flush_messages(self) -> None:
+        while self._pending:
+            self.console.info(self._pending.pop(0))
+
+    # -- stopping ---------------------------------------------------------------
+
+    def _stop(self, reason: str, exit_code: int) -> None:
+        """Send the stop signal now; everything else comes after."""
+        if self._stopping:
+            return
+        self.tree.signal_group(self.stop_signal)
+        self.tree.signal_group(signal.SIGCONT)  # a stopped process must be able to act on it
+        now = time.monotonic()
+        self._stopping = True
+        self._deadline = now + self.grace_period
+        self._next_tree_check = now + TREE_CHECK_FIRST
+        self.report.reason = reason
+        self.report.stop_signal = self.stop_signal.name
+        self._stop_exit_code = exit_code
+
+    def _on_signals(self, received: List[int]) -> None:
+        for signum in received:
+            if signum == signal.SIGCHLD:
+                continue  # the loop checks the command after every wake-up
+            name = signal.Signals(signum).name
+            self.tree.signal_group(signum)
+            if signum not in TERMINATING_SIGNALS:
+                self.console.debug(f"passed {name} on to the command")
+                continue
+            if self._stopping:
+                self.console.debug(f"passed {name} on again; the grace period is not restarted")
+                continue
+            self.tree.signal_group(signal.SIGCONT)
+            now = time.monotonic()
+            self._stopping = True
+            self._deadline = now + self.grace_period
+            self._next_tree_check = now + TREE_CHECK_FIRST
+            self.report.reason = reasons.SIGNAL
+            self.report.received_signal = name
+            self._stop_exit_code = 128 + signum
+            self.console.info(f"received {name}; passed it on and waiting up to {self.grace_period:g}s for the command")
+
+    def _on_command_exit(self) -> None:
+        # Output written before the exit is already in the pipes: read it first,
+        # so a last step line counts before the exit does.
+        self._drain()
+        self._exited = True
+        self.report.child_returncode = self.tree.returncode
+        if not self._stopping:
+            self.console.debug(f"command exited with status {status_to_exit_code(self.tree.returncode)}")
+        self._next_tree_check = time.monotonic()
+
+    def _check_tree(self) -> None:
+        now = time.monotonic()
+        if now < self._next_tree_check and (self._deadline is None or now < self._deadline):
+            return
+        self.tree.reap_orphans()
+        alive = self.tree.live_descendants()
+        if self._exited and not alive:
+            self._done = True
+            return
+        if self._exited and not self._leftovers_signalled:
+            # The command is gone; nobody else will tell what it left behind.
+            self._leftovers_signalled = True
+            self.tree.signal_group(self.stop_signal)
+            outside = self.tree.signal_outside_group(self.stop_signal)
+            self.tree.signal_group(signal.SIGCONT)
+            self.console.debug(f"{len(alive)} process(es) outlived the command ({outside} outside its group); sent {self.stop_signal.name}")
+            if self._deadline is None:
+                self._deadline = now + self.grace_period
+        if self._deadline is not None and now >= self._deadline and alive and not self.report.killed:
+            count = self.tree.kill_all()
+            self.report.killed = True
+            self.console.info(f"grace period of {self.grace_period:g}s over; killed {count} process(es) with SIGKILL")
+        self._tree_check_interval = min(self._tree_check_interval * 2, TREE_CHECK_MAX)
+        self._next_tree_check = now + self._tree_check_interval
+
+    # -- the end ----------------------------------------------------------------
+
+    def _finish(self) -> None:
+        self._drain()
+        self.tree.reap()
+        report = self.report
+        report.duration_s = round(time.monotonic() - self._started, 6)
+        if (
+            report.first_step_seen is not None
+            and report.last_step_seen is not None
+            and self._last_seen_at is not None
+            and self._first_seen_at is not None
+            and self._last_seen_at > self._first_seen_at
+        ):
+            report.steps_per_s = round(
+                (report.last_step_seen - report.first_step_seen) / (self._last_seen_at - self._first_seen_at), 3
+            )
+        returncode = self.tree.returncode
+        status = status_to_exit_code(returncode) if returncode is not None else None
+        if self._stopping:
+            if report.reason == reasons.SIGNAL:
+                report.exit_code = self._stop_exit_code
+            elif report.killed:
+                report.exit_code = EXIT_KILLED
+            else:
+                report.exit_code = self._stop_exit_code
+        else:
+            report.reason = reasons.PROCESS_EXITED
+            report.exit_code = status if status is not None else 125
+            if status == 0 and self.require_target and not self._target_reached():
+                report.exit_code = EXIT_TARGET_NOT_REACHED
+        self._say_why(status)
+        if self._hook_error is None and (
+            (self._stopping and report.reason != reasons.SIGNAL) or (not self._stopping and status == 0)
+        ):
+            self._call_hooks("end", lambda: self.runner.end(self.session))
+            if self._hook_error is not None:
+                report.exit_code = EXIT_HOOK_FAILED
+
+    def _target_reached(self) -> bool:
+        target = self.report.target_step
+        return target is not None and self.report.last_step_seen is not None and self.report.last_step_seen >= target
+
+    def _say_why(self, status: Optional[int]) -> None:
+        report = self.report
+        seen = "none" if report.last_step_seen is None else str(report.last_step_seen)
+        if report.reason == reasons.PROCESS_EXITED:
+            if report.exit_code == EXIT_TARGET_NOT_REACHED:
+                self.console.error(
+                    f"command exited 0 before reaching step {report.target_step} "
+                    f"(last step seen: {seen}); failing as --require-target asks"
+                )
+            else:
+                target = f" before reaching step {report.target_step}" if report.target_step is not None else ""
+                self.console.info(f"command exited with status {status}{target} (last step seen: {seen})")
+            return
+        how = "was killed with SIGKILL after the grace period" if report.killed else "exited"
+        self.console.info(
+            f"stopped: {report.reason}; last step seen {seen}; the command {how} "
+            f"(status {status}) after {report.duration_s:.2f}s; exit {report.exit_code}"
+        )
