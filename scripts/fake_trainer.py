@@ -51,7 +51,13 @@ def parse_args(argv=None):
     p.add_argument("--stamp-step", type=int, default=None, help="only stamp the write of this step")
     p.add_argument("--checkpoint-dir", help="save a checkpoint every --save-every steps here")
     p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--layout", default="hf", help="checkpoint layout: hf, plain")
+    p.add_argument("--layout", default="hf",
+                   help="checkpoint layout: hf, lightning, deepspeed, tf, megatron, torchtitan, orbax, "
+                        "fairseq, mmengine, composer, generic")
+    p.add_argument("--save-seconds", type=float, default=0.0, help="how long writing one checkpoint takes")
+    p.add_argument("--save-at-stop", action="store_true", help="save a checkpoint on a graceful stop")
+    p.add_argument("--log-file", help="write step lines to this file (not to stdout)")
+    p.add_argument("--rotate-every", type=int, default=0, help="rotate --log-file every N lines")
     return p.parse_args(argv)
 
 
@@ -124,22 +130,106 @@ def on_stop(signum, frame):
     STOP.append(signum)
 
 
+def _zip_bytes(step):
+    """A small torch.save-like zip archive."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("archive/data.pkl", b"\x80\x02}q\x00." + b"\0" * 4096)
+        zf.writestr("archive/version", str(step))
+    return buf.getvalue()
+
+
+def _write(path, data, seconds=0.0):
+    """Write data, in two halves ``seconds`` apart (a save that takes time)."""
+    with open(path, "wb") as fh:
+        if seconds:
+            fh.write(data[: len(data) // 2])
+            fh.flush()
+            time.sleep(seconds)
+            fh.write(data[len(data) // 2:])
+        else:
+            fh.write(data)
+
+
+def _replace(path, data, seconds=0.0):
+    _write(path + ".tmp", data, seconds)
+    os.replace(path + ".tmp", path)
+
+
 def save_checkpoint(args, step):
+    """Save the way each framework does, in its order (see frameworks.md)."""
     import json
 
-    if args.layout == "hf":
-        path = os.path.join(args.checkpoint_dir, f"checkpoint-{step}")
+    root, slow, layout = args.checkpoint_dir, args.save_seconds, args.layout
+    os.makedirs(root, exist_ok=True)
+    j = os.path.join
+    if layout == "hf":
+        path = j(root, f"checkpoint-{step}")
         os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "model.safetensors"), "wb") as fh:
-            fh.write(b"\0" * 1024)
-        tmp = os.path.join(path, "trainer_state.json.tmp")
-        with open(tmp, "w") as fh:
-            json.dump({"global_step": step}, fh)
-        os.replace(tmp, os.path.join(path, "trainer_state.json"))
-    else:
-        os.makedirs(args.checkpoint_dir, exist_ok=True)
-        with open(os.path.join(args.checkpoint_dir, f"step-{step}.ckpt"), "wb") as fh:
-            fh.write(b"\0" * 1024)
+        _write(j(path, "model.safetensors"), b"\x02\0\0\0\0\0\0\0{}", slow)
+        _write(j(path, "optimizer.pt"), _zip_bytes(step))
+        _write(j(path, "trainer_state.json"), json.dumps({"global_step": step}).encode())
+    elif layout == "lightning":
+        _replace(j(root, f"epoch=0-step={step}.ckpt"), _zip_bytes(step), slow)
+    elif layout == "deepspeed":
+        path = j(root, f"global_step{step}")
+        os.makedirs(path, exist_ok=True)
+        _write(j(path, "mp_rank_00_model_states.pt"), _zip_bytes(step), slow)
+        _write(j(path, "zero_pp_rank_0_mp_rank_00_optim_states.pt"), _zip_bytes(step))
+        _write(j(root, "latest"), f"global_step{step}".encode())
+    elif layout == "tf":
+        _write(j(root, f"ckpt-{step}.data-00000-of-00001"), b"\0" * 4096, slow)
+        _write(j(root, f"ckpt-{step}.index"), b"\0" * 64)
+        _replace(j(root, "checkpoint"), f'model_checkpoint_path: "ckpt-{step}"\n'
+                 f'all_model_checkpoint_paths: "ckpt-{step}"\n'.encode())
+    elif layout == "megatron":
+        path = j(root, f"iter_{step:07d}", "mp_rank_00")
+        os.makedirs(path, exist_ok=True)
+        _write(j(path, "model_optim_rng.pt"), _zip_bytes(step), slow)
+        _write(j(root, "latest_checkpointed_iteration.txt"), str(step).encode())
+    elif layout == "torchtitan":
+        path = j(root, f"step-{step}")
+        os.makedirs(path, exist_ok=True)
+        _write(j(path, "__0_0.distcp"), b"\0" * 4096, slow)
+        _write(j(path, ".metadata"), b"\0" * 64)
+    elif layout == "orbax":
+        tmp = j(root, f"{step}.orbax-checkpoint-tmp-{time.time_ns()}")
+        os.makedirs(j(tmp, "default"))
+        _write(j(tmp, "default", "data"), b"\0" * 4096, slow)
+        os.rename(tmp, j(root, str(step)))
+    elif layout == "fairseq":
+        _replace(j(root, f"checkpoint_1_{step}.pt"), _zip_bytes(step), slow)
+    elif layout == "mmengine":
+        _write(j(root, f"iter_{step}.pth"), _zip_bytes(step), slow)
+        _write(j(root, "last_checkpoint"), j(root, f"iter_{step}.pth").encode())
+    elif layout == "composer":
+        _write(j(root, f"ep0-ba{step}-rank0.pt"), _zip_bytes(step), slow)
+        link = j(root, "latest-rank0.pt")
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.symlink(f"ep0-ba{step}-rank0.pt", link)
+    else:  # generic
+        _write(j(root, f"model_{step}.bin"), b"\0" * 4096, slow)
+
+
+class RotatingLog:
+    """A log file the trainer writes itself, rotated like logging's RotatingFileHandler."""
+
+    def __init__(self, path, rotate_every):
+        self.path, self.rotate_every, self.lines = path, rotate_every, 0
+        self.fh = open(path, "a")
+
+    def write(self, line):
+        if self.rotate_every and self.lines and self.lines % self.rotate_every == 0:
+            self.fh.close()
+            os.replace(self.path, self.path + ".1")
+            self.fh = open(self.path, "a")
+        self.fh.write(line + "\n")
+        self.fh.flush()
+        self.lines += 1
 
 
 def main(argv=None):
@@ -165,6 +255,7 @@ def main(argv=None):
     interval = 1.0 / args.rate if args.rate > 0 else 0.0
     next_at = time.monotonic()
     step = args.start
+    log = RotatingLog(args.log_file, args.rotate_every) if args.log_file else None
     if args.binary:
         out.buffer.write(b"\xff\xfe invalid utf-8 \x00 nul \x1b[31mred\x1b[0m\n")
         out.flush()
@@ -186,14 +277,20 @@ def main(argv=None):
             line = args.format.format(step=step, loss=1.0 / step, total=args.steps)
             if args.stamp_step is None or step == args.stamp_step:
                 stamp(args, f"wrote {step}")
-            out.write(line + end)
-            out.flush()
+            if log is not None:
+                log.write(line)
+            else:
+                out.write(line + end)
+                out.flush()
         if args.checkpoint_dir and args.save_every and step % args.save_every == 0:
             save_checkpoint(args, step)
+            next_at = time.monotonic()  # training resumes after the save, it does not catch up
     if STOP:
         print(f"trainer: received signal {STOP[0]} at step {step}; shutting down", file=sys.stderr, flush=True)
         if args.shutdown_delay:
             time.sleep(args.shutdown_delay)
+        if args.save_at_stop and args.checkpoint_dir:
+            save_checkpoint(args, step)
         print(f"trainer: stopped cleanly at step {step}", file=sys.stderr, flush=True)
         sys.exit(args.stop_exit if args.stop_exit is not None else 128 + STOP[0])
     print(f"trainer: finished at step {step}", file=sys.stderr, flush=True)

@@ -13,7 +13,8 @@ from . import __version__
 from .console import NORMAL, QUIET, VERBOSE, Console
 from .errors import EXIT_USAGE, StopstepError, UsageError
 from .hooks import StopAtStepHook
-from .patterns import PRESETS, PatternError, resolve_formats
+from .layouts import LAYOUT_NAMES, make_layout
+from .patterns import PRESETS, PatternError, compile_user_pattern, resolve_formats
 from .process import parse_signal
 from .report import check_report_path, write_report
 
@@ -46,6 +47,20 @@ def cli() -> None:
               help="Regex with a named group 'step' (or one group) matched against each output line. Repeatable.")
 @click.option("--preset", "presets", multiple=True, metavar="NAME",
               help="Built-in log format (see `stopstep presets`). Repeatable.")
+@click.option("--log-file", "log_files", multiple=True, metavar="PATH",
+              help="Also read steps from a file the command writes, like tail -F. Repeatable.")
+@click.option("--log-file-from-start", is_flag=True,
+              help="Count what --log-file already holds at launch, not only what is written after.")
+@click.option("--checkpoint-dir", "checkpoint_dirs", multiple=True, metavar="DIR",
+              help="Also take each finished checkpoint in DIR as a step; the latest at launch is the start step. Repeatable.")
+@click.option("--layout", type=click.Choice(("auto",) + LAYOUT_NAMES), default="auto", show_default=True,
+              help="How the checkpoints in --checkpoint-dir are named and finished.")
+@click.option("--checkpoint-pattern", metavar="REGEX",
+              help="Regex with a group 'step' matched against paths relative to --checkpoint-dir (generic layout).")
+@click.option("--poll", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Poll files every SECONDS instead of inotify (NFS, Lustre, GCS fuse).")
+@click.option("--stop-after-checkpoint", is_flag=True,
+              help="At the target, wait (up to --grace-period) for a complete checkpoint at or past it before stopping.")
 @click.option("--stop-signal", type=_SignalType(), default="INT", show_default=True,
               help="Signal sent to the command's process group at the target.")
 @click.option("--grace-period", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
@@ -57,7 +72,8 @@ def cli() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Only errors from stopstep itself.")
 @click.option("-v", "--verbose", is_flag=True, help="Also say what stopstep sees and does.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- COMMAND [ARG...]")
-def run(last_step, num_steps, patterns, presets, stop_signal, grace_period, report_path,
+def run(last_step, num_steps, patterns, presets, log_files, log_file_from_start, checkpoint_dirs, layout,
+        checkpoint_pattern, poll, stop_after_checkpoint, stop_signal, grace_period, report_path,
         require_target, quiet, verbose, command) -> int:
     """Run COMMAND and stop it once its global step reaches the target.
 
@@ -79,6 +95,8 @@ def run(last_step, num_steps, patterns, presets, stop_signal, grace_period, repo
         raise UsageError(str(exc)) from None
     if report_path:
         check_report_path(report_path)
+    sources = _file_sources(formats, log_files, log_file_from_start, checkpoint_dirs, layout,
+                            checkpoint_pattern, poll, stop_after_checkpoint)
 
     from .supervisor import Supervisor  # after validation: a usage error stays cheap
 
@@ -91,6 +109,8 @@ def run(last_step, num_steps, patterns, presets, stop_signal, grace_period, repo
         grace_period=grace_period,
         require_target=require_target,
         console=console,
+        sources=sources,
+        stop_after_checkpoint=stop_after_checkpoint,
     )
     report = supervisor.run()
     if report_path:
@@ -103,6 +123,32 @@ def run(last_step, num_steps, patterns, presets, stop_signal, grace_period, repo
     return report.exit_code
 
 
+def _file_sources(formats, log_files, from_start, checkpoint_dirs, layout, checkpoint_pattern, poll,
+                  stop_after_checkpoint) -> list:
+    """The --log-file and --checkpoint-dir sources, after checking the options fit together."""
+    if not checkpoint_dirs:
+        for given, option in ((layout != "auto", "--layout"), (checkpoint_pattern, "--checkpoint-pattern"),
+                              (stop_after_checkpoint, "--stop-after-checkpoint")):
+            if given:
+                raise UsageError(f"{option} needs --checkpoint-dir")
+    if from_start and not log_files:
+        raise UsageError("--log-file-from-start needs --log-file")
+    if poll and not (log_files or checkpoint_dirs):
+        raise UsageError("--poll needs --log-file or --checkpoint-dir")
+    if checkpoint_pattern is not None:
+        if layout not in ("auto", "generic"):
+            raise UsageError(f"--checkpoint-pattern is for the generic layout, not --layout {layout}")
+        try:
+            compile_user_pattern(checkpoint_pattern)
+        except PatternError as exc:
+            raise UsageError(str(exc).replace("pattern", "--checkpoint-pattern", 1)) from None
+    from .sources import CheckpointSource, LogFileSource
+
+    sources = [LogFileSource(path, formats, from_start, poll) for path in log_files]
+    sources += [CheckpointSource(d, layout, checkpoint_pattern, poll) for d in checkpoint_dirs]
+    return sources
+
+
 @cli.command()
 def presets() -> None:
     """List the built-in log formats with a sample line each."""
@@ -111,6 +157,17 @@ def presets() -> None:
         fmt = PRESETS[name]
         click.echo(f"{name:<{width}}  {fmt.description}")
         click.echo(f"{'':<{width}}  e.g. {fmt.sample.strip()}")
+
+
+@cli.command()
+def layouts() -> None:
+    """List the checkpoint layouts and when each counts a checkpoint as finished."""
+    width = max(len(name) for name in LAYOUT_NAMES)
+    for name in LAYOUT_NAMES:
+        layout = make_layout(name)
+        click.echo(f"{name:<{width}}  {layout.description}")
+        if layout.counts != "steps":
+            click.echo(f"{'':<{width}}  the number counts {layout.counts}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

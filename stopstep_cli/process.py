@@ -162,6 +162,7 @@ class ProcessTree:
         prctl = _libc().prctl if sys.platform.startswith("linux") else None
 
         def in_child():  # runs between fork and exec: keep it to system calls
+            os.setpgid(0, 0)  # own process group (Popen's process_group= needs 3.11)
             if prctl is not None:
                 prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
                 if os.getppid() != parent:  # stopstep died before the prctl
@@ -174,7 +175,6 @@ class ProcessTree:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env=self.env,
-                process_group=0,
                 preexec_fn=in_child,
                 close_fds=True,
             )

@@ -32,6 +32,8 @@ class RunReport:
     steps_per_s: Optional[float] = None
     observations: int = 0  # step observations run through the hooks
     observations_coalesced: int = 0  # step lines passed over for a later one in the same read
+    last_checkpoint_step: Optional[int] = None  # the newest complete checkpoint seen (at launch or since)
+    last_checkpoint_path: Optional[str] = None
     command: List[str] = field(default_factory=list)
     pid: Optional[int] = None
 

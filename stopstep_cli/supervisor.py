@@ -1,10 +1,11 @@
 """The supervision loop: one thread, one ``poll``.
 
-It pumps the command's output through (scanning each read for steps), feeds
-every new step through the hooks, acts on stop requests, passes signals on,
-and brings the process tree down. The stop signal is sent the moment a hook
-asks for it, before the read that carried the step is even written out;
-everything slower (walking the process tree, messages) comes after.
+It pumps the command's output through (scanning each read for steps), takes
+steps from the other sources (log files, checkpoint directories), feeds every
+new step through the hooks, acts on stop requests, passes signals on, and
+brings the process tree down. The stop signal is sent the moment a hook asks
+for it, before the read that carried the step is even written out; everything
+slower (walking the process tree, messages) comes after.
 """
 
 from __future__ import annotations
@@ -52,8 +53,13 @@ class Supervisor:
     """Runs one command under the hooks until it exits or a hook stops it.
 
     ``target`` is the :class:`StopAtStepHook` whose ``last_step`` the report
-    calls ``target_step`` (it runs first, before ``hooks``). The result of
-    :meth:`run` is a :class:`RunReport`; its ``exit_code`` is stopstep's status.
+    calls ``target_step`` (it runs first, before ``hooks``). ``sources`` are
+    extra step sources (:class:`~stopstep_cli.sources.LogFileSource`,
+    :class:`~stopstep_cli.sources.CheckpointSource`); the latest complete
+    checkpoint at launch is the step the run starts at. With
+    ``stop_after_checkpoint``, a reached target waits (up to the grace period)
+    for a complete checkpoint at or past it before the stop signal goes out.
+    :meth:`run` returns a :class:`RunReport`; its ``exit_code`` is stopstep's status.
     """
 
     def __init__(
@@ -68,6 +74,8 @@ class Supervisor:
         env: Optional[Dict[str, str]] = None,
         console: Optional[Console] = None,
         start_step: Optional[int] = None,
+        sources: Iterable = (),
+        stop_after_checkpoint: bool = False,
     ):
         from .patterns import resolve_formats
 
@@ -81,6 +89,8 @@ class Supervisor:
         self.env = dict(os.environ if env is None else env)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.console = console or Console()
+        self.sources = list(sources)
+        self.stop_after_checkpoint = stop_after_checkpoint
         self.tree = ProcessTree(self.argv, self.env, death_signal=self.stop_signal)
         self.coord = Coordinator()
         self.session = TrainingSession(self.argv, start_step=start_step)
@@ -90,12 +100,17 @@ class Supervisor:
         self._view = memoryview(self._buf)
         self._streams: Dict[int, _Stream] = {}
         self._poller = select.poll()
+        self._waker = None
+        self._watcher = None
         self._started = 0.0
         self._global_step: Optional[int] = start_step
+        self._source_steps: Dict[str, int] = {}  # the last step each source saw
         self._first_seen_at: Optional[float] = None
         self._last_seen_at: Optional[float] = None
-        self._stopping = False  # a stop (or a terminating signal) was sent
+        self._stop_requested = False  # hooks have asked to stop (or a signal came): no more hook runs
         self._stop_exit_code = 0
+        self._checkpoint_wait: Optional[float] = None  # stop deferred for a checkpoint until then
+        self._stopping = False  # the stop signal (or a terminating signal) went out
         self._deadline: Optional[float] = None  # SIGKILL after this
         self._exited = False  # the command itself has exited
         self._leftovers_signalled = False
@@ -117,43 +132,63 @@ class Supervisor:
             self._call_hooks("begin", self.runner.begin)
             if self._hook_error is not None:
                 raise HookFailed(str(self._hook_error))
+            self._resume_point()
             self.tree.spawn()
             self.report.pid = self.session.pid = self.tree.pid
-            self.tree.prepare_walks()  # while the command starts up, not when stopping
             self.console.debug(f"started pid {self.tree.pid}: {' '.join(self.argv)}")
+            self._add_stream("stdout", self.tree.stdout_fd, 1)
+            self._add_stream("stderr", self.tree.stderr_fd, 2)
+            self._poller.register(inbox.fileno(), select.POLLIN)
+            self._start_sources()  # after the spawn: the command is not forked from a threaded process
+            self.tree.prepare_walks()  # while the command starts up, not when stopping
             self._call_hooks("after_create_session",
                              lambda: self.runner.after_create_session(self.session, self.coord))
             self.report.target_step = self.target.last_step if self.target else None
             if self._hook_error is not None:
-                self._stop("hook_error", EXIT_HOOK_FAILED)
-            self._add_stream("stdout", self.tree.stdout_fd, 1)
-            self._add_stream("stderr", self.tree.stderr_fd, 2)
-            self._poller.register(inbox.fileno(), select.POLLIN)
+                self._request_stop("hook_error", EXIT_HOOK_FAILED)
             while not self._done:
-                self._step(inbox)
+                self._turn(inbox)
             self._finish()
         finally:
             for stream in list(self._streams.values()):
                 self._close(stream)
+            self._stop_sources()
             inbox.close()
         return self.report
 
-    def _step(self, inbox: SignalInbox) -> None:
-        timeout = None
-        if self._stopping or self._exited:
-            wake = self._next_tree_check
-            if self._deadline is not None:
-                wake = min(wake, self._deadline)
-            timeout = max(0.0, wake - time.monotonic()) * 1000.0
-        for fd, _events in self._poller.poll(timeout):
+    def _turn(self, inbox: SignalInbox) -> None:
+        for fd, _events in self._poller.poll(self._timeout_ms()):
             if fd == inbox.fileno():
                 self._on_signals(inbox.drain())
             elif fd in self._streams:
                 self._pump(self._streams[fd])
+            elif self._waker is not None and fd == self._waker.fileno():
+                self._on_file_events()
+        now = time.monotonic()
+        for source in self.sources:
+            if source.next_due is not None and source.next_due <= now:
+                self._observe_all(source.tick(now))
+        if self._checkpoint_wait is not None and now >= self._checkpoint_wait:
+            self.console.info(f"no complete checkpoint at or past step {self.report.target_step} "
+                              f"within {self.grace_period:g}s; stopping anyway")
+            self._send_stop()
         if not self._exited and self.tree.poll_exit() is not None:
             self._on_command_exit()
         if self._stopping or self._exited:
             self._check_tree()
+        self._flush_messages()
+
+    def _timeout_ms(self) -> Optional[float]:
+        wakes = [source.next_due for source in self.sources if source.next_due is not None]
+        if self._stopping or self._exited:
+            wakes.append(self._next_tree_check)
+        if self._deadline is not None:
+            wakes.append(self._deadline)
+        if self._checkpoint_wait is not None:
+            wakes.append(self._checkpoint_wait)
+        if not wakes:
+            return None
+        return max(0.0, min(wakes) - time.monotonic()) * 1000.0
 
     # -- output ---------------------------------------------------------------
 
@@ -173,8 +208,7 @@ class Supervisor:
         if n == 0:
             self._close(stream)
             return 0
-        for obs in stream.scanner.feed(self._buf, n):
-            self._observe(obs)
+        self._observe_all(stream.scanner.feed(self._buf, n))
         if stream.out_fd >= 0:
             self._write_out(stream, n)
         self._flush_messages()
@@ -215,23 +249,85 @@ class Supervisor:
             while stream.open and self._pump(stream) > 0:
                 pass
 
+    # -- other sources ----------------------------------------------------------
+
+    def _resume_point(self) -> None:
+        """The latest complete checkpoint at launch is where the run starts."""
+        for source in self.sources:
+            scan = getattr(source, "scan", None)
+            found = scan() if scan else None
+            if found is None:
+                continue
+            self.console.debug(f"{source.name}: latest complete checkpoint is step {found.step}")
+            self._note_checkpoint(found)
+            if self.session.start_step is None or found.step > self.session.start_step:
+                self.session.start_step = self.session.global_step = found.step
+                self.report.start_step = self._global_step = found.step
+        if self.report.start_step is not None:
+            self.console.info(f"resuming from step {self.report.start_step} (latest complete checkpoint)")
+
+    def _start_sources(self) -> None:
+        if not self.sources:
+            return
+        from .sources import FileWatcher, Waker
+
+        if any(source.poll is None for source in self.sources):
+            self._waker = Waker()
+            self._watcher = FileWatcher(self._waker)
+            self._poller.register(self._waker.fileno(), select.POLLIN)
+        for source in self.sources:
+            self._observe_all(source.start(self._watcher))
+
+    def _on_file_events(self) -> None:
+        self._waker.clear()
+        changed = self._watcher.changed()
+        for source in self.sources:
+            if source in changed:
+                self._observe_all(source.refresh(changed[source]))
+
+    def _stop_sources(self) -> None:
+        for source in self.sources:
+            source.close()
+        if self._watcher is not None:
+            self._watcher.stop()
+        if self._waker is not None:
+            self._waker.close()
+
     # -- steps and hooks ------------------------------------------------------
+
+    def _observe_all(self, observations: List[Observation]) -> None:
+        for obs in observations:
+            self._observe(obs)
+
+    def _note_checkpoint(self, obs: Observation) -> None:
+        report = self.report
+        if report.last_checkpoint_step is None or obs.step >= report.last_checkpoint_step:
+            report.last_checkpoint_step = obs.step
+            report.last_checkpoint_path = obs.fields.get("checkpoint_path")
 
     def _observe(self, obs: Observation) -> None:
         report = self.report
         report.observations_coalesced += obs.coalesced
+        if "checkpoint_step" in obs.fields:
+            self._note_checkpoint(obs)
+            self.console.debug(f"checkpoint for step {obs.step} is complete: {obs.line}")
+            if self._checkpoint_wait is not None and obs.step >= (report.target_step or 0):
+                self._pending.append(f"checkpoint for step {obs.step} is complete")
+                self._send_stop()
         if report.first_step_seen is None:
             report.first_step_seen = obs.step
             self._first_seen_at = obs.time
+        last_here = self._source_steps.get(obs.source)
+        if last_here is not None and obs.step < last_here:
+            self.console.debug(f"step went backwards on {obs.source}: {obs.step} after {last_here}")
+        self._source_steps[obs.source] = obs.step
         previous = self._global_step
         if previous is not None and obs.step <= previous:
-            if obs.step < previous:
-                self.console.debug(f"step went backwards on {obs.source}: {obs.step} after {previous}")
             return
         self._global_step = obs.step
         self._last_seen_at = obs.time
         report.last_step_seen = obs.step
-        if self._stopping:
+        if self._stop_requested:
             return
         session = self.session
         session.global_step = obs.step
@@ -247,23 +343,11 @@ class Supervisor:
 
         self._call_hooks("before_run/after_run", run_hooks)
         if self._hook_error is not None:
-            self._stop("hook_error", EXIT_HOOK_FAILED)
+            self._request_stop("hook_error", EXIT_HOOK_FAILED)
         elif ctx.stop_requested:
-            self._stop(ctx.stop_reason, ctx.stop_exit_code)
-            if ctx.stop_reason == reasons.TARGET_REACHED:
-                self._announce_target(obs)
+            self._request_stop(ctx.stop_reason, ctx.stop_exit_code, obs)
         elif self.coord.should_stop():
-            self._stop(self.coord.reason, self.coord.exit_code)
-
-    def _announce_target(self, obs: Observation) -> None:
-        target = self.report.target_step
-        if self.report.observations == 1 and target is not None and obs.step > target:
-            self._pending.append(f"first step seen ({obs.step}) is already past the target ({target}); stopping")
-        else:
-            self._pending.append(
-                f"step {obs.step} reached (target {target}); sent {self.stop_signal.name} "
-                f"to the command's process group"
-            )
+            self._request_stop(self.coord.reason, self.coord.exit_code, obs)
 
     def _call_hooks(self, what: str, call) -> None:
         try:
@@ -279,19 +363,51 @@ class Supervisor:
 
     # -- stopping ---------------------------------------------------------------
 
-    def _stop(self, reason: str, exit_code: int) -> None:
-        """Send the stop signal now; everything else comes after."""
+    def _request_stop(self, reason: str, exit_code: int, obs: Optional[Observation] = None) -> None:
+        """A hook asked to stop: send the stop signal now (or once the checkpoint is whole)."""
+        if self._stop_requested:
+            return
+        self._stop_requested = True
+        self.report.reason = reason
+        self._stop_exit_code = exit_code
+        target = self.report.target_step
+        if (
+            reason == reasons.TARGET_REACHED
+            and self.stop_after_checkpoint
+            and (self.report.last_checkpoint_step is None or self.report.last_checkpoint_step < target)
+        ):
+            self._checkpoint_wait = time.monotonic() + self.grace_period
+            self._pending.append(
+                f"step {obs.step} reached (target {target}); waiting up to {self.grace_period:g}s "
+                f"for a complete checkpoint at or past it"
+            )
+            return
+        self._send_stop()
+        if reason != reasons.TARGET_REACHED or obs is None:
+            self._pending.append(f"stopping: {reason}; sent {self.stop_signal.name} to the command's process group")
+        elif self.report.observations == 1 and target is not None and obs.step > target:
+            self._pending.append(f"first step seen ({obs.step}) is already past the target ({target}); stopping")
+        else:
+            self._pending.append(
+                f"step {obs.step} reached (target {target}); sent {self.stop_signal.name} "
+                f"to the command's process group"
+            )
+
+    def _send_stop(self) -> None:
+        """The stop signal to the group, now; everything else comes after."""
+        self._checkpoint_wait = None
         if self._stopping:
             return
         self.tree.signal_group(self.stop_signal)
         self.tree.signal_group(signal.SIGCONT)  # a stopped process must be able to act on it
+        self._begin_grace()
+        self.report.stop_signal = self.stop_signal.name
+
+    def _begin_grace(self) -> None:
         now = time.monotonic()
         self._stopping = True
         self._deadline = now + self.grace_period
         self._next_tree_check = now + TREE_CHECK_FIRST
-        self.report.reason = reason
-        self.report.stop_signal = self.stop_signal.name
-        self._stop_exit_code = exit_code
 
     def _on_signals(self, received: List[int]) -> None:
         for signum in received:
@@ -306,10 +422,9 @@ class Supervisor:
                 self.console.debug(f"passed {name} on again; the grace period is not restarted")
                 continue
             self.tree.signal_group(signal.SIGCONT)
-            now = time.monotonic()
-            self._stopping = True
-            self._deadline = now + self.grace_period
-            self._next_tree_check = now + TREE_CHECK_FIRST
+            self._begin_grace()
+            self._checkpoint_wait = None
+            self._stop_requested = True
             self.report.reason = reasons.SIGNAL
             self.report.received_signal = name
             self._stop_exit_code = 128 + signum
@@ -320,6 +435,7 @@ class Supervisor:
         # so a last step line counts before the exit does.
         self._drain()
         self._exited = True
+        self._checkpoint_wait = None
         self.report.child_returncode = self.tree.returncode
         if not self._stopping:
             self.console.debug(f"command exited with status {status_to_exit_code(self.tree.returncode)}")
@@ -340,7 +456,8 @@ class Supervisor:
             self.tree.signal_group(self.stop_signal)
             outside = self.tree.signal_outside_group(self.stop_signal)
             self.tree.signal_group(signal.SIGCONT)
-            self.console.debug(f"{len(alive)} process(es) outlived the command ({outside} outside its group); sent {self.stop_signal.name}")
+            self.console.debug(f"{len(alive)} process(es) outlived the command ({outside} outside its group); "
+                               f"sent {self.stop_signal.name}")
             if self._deadline is None:
                 self._deadline = now + self.grace_period
         if self._deadline is not None and now >= self._deadline and alive and not self.report.killed:
@@ -354,6 +471,8 @@ class Supervisor:
 
     def _finish(self) -> None:
         self._drain()
+        for source in self.sources:  # the last lines, the final checkpoint
+            self._observe_all(source.refresh(()))
         self.tree.reap()
         report = self.report
         report.duration_s = round(time.monotonic() - self._started, 6)
@@ -369,10 +488,8 @@ class Supervisor:
             )
         returncode = self.tree.returncode
         status = status_to_exit_code(returncode) if returncode is not None else None
-        if self._stopping:
-            if report.reason == reasons.SIGNAL:
-                report.exit_code = self._stop_exit_code
-            elif report.killed:
+        if self._stop_requested:
+            if report.killed and report.reason != reasons.SIGNAL:
                 report.exit_code = EXIT_KILLED
             else:
                 report.exit_code = self._stop_exit_code
@@ -383,7 +500,7 @@ class Supervisor:
                 report.exit_code = EXIT_TARGET_NOT_REACHED
         self._say_why(status)
         if self._hook_error is None and (
-            (self._stopping and report.reason != reasons.SIGNAL) or (not self._stopping and status == 0)
+            (self._stop_requested and report.reason != reasons.SIGNAL) or (not self._stop_requested and status == 0)
         ):
             self._call_hooks("end", lambda: self.runner.end(self.session))
             if self._hook_error is not None:
@@ -407,7 +524,10 @@ class Supervisor:
                 self.console.info(f"command exited with status {status}{target} (last step seen: {seen})")
             return
         how = "was killed with SIGKILL after the grace period" if report.killed else "exited"
+        checkpoint = ""
+        if report.last_checkpoint_step is not None:
+            checkpoint = f"; last complete checkpoint: step {report.last_checkpoint_step}"
         self.console.info(
-            f"stopped: {report.reason}; last step seen {seen}; the command {how} "
+            f"stopped: {report.reason}; last step seen {seen}{checkpoint}; the command {how} "
             f"(status {status}) after {report.duration_s:.2f}s; exit {report.exit_code}"
         )

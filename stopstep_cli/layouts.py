@@ -1,0 +1,426 @@
+"""Checkpoint layouts: how each framework names its checkpoints on disk, and
+when one is finished.
+
+A :class:`Layout` is data (the regex that turns an entry of the checkpoint
+directory into a step, the names to ignore, the names that identify the
+layout) plus one small completeness check. A checkpoint being written is
+never taken as done: every check below follows the framework's own write
+order (``../shared/reference/frameworks.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+# -- file checks ------------------------------------------------------------------
+
+_EOCD = b"PK\x05\x06"
+_ZIP64_LOCATOR = b"PK\x06\x07"
+_ZIP64_EOCD = b"PK\x06\x06"
+
+
+def zip_is_whole(path: str) -> bool:
+    """A zip archive (torch.save, .ckpt, .keras) whose end record parses and whose
+    central directory ends exactly where that record begins."""
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size < 22:
+                return False
+            tail_len = min(size, 22 + 65535 + 20)
+            fh.seek(size - tail_len)
+            tail = fh.read(tail_len)
+    except OSError:
+        return False
+    pos = tail.rfind(_EOCD)
+    while pos >= 0:
+        if len(tail) - pos >= 22:
+            (_sig, _disk, _cd_disk, _n_disk, _n, cd_size, cd_offset, comment_len) = struct.unpack(
+                "<4sHHHHIIH", tail[pos : pos + 22]
+            )
+            if pos + 22 + comment_len == len(tail):
+                eocd_at = size - tail_len + pos
+                if pos >= 20 and tail[pos - 20 : pos - 16] == _ZIP64_LOCATOR:
+                    # zip64 (torch.save of large tensors): its own end record comes first
+                    return _zip64_is_whole(tail, pos, size - tail_len)
+                return cd_offset + cd_size == eocd_at
+        pos = tail.rfind(_EOCD, 0, pos)
+    return False
+
+
+def _zip64_is_whole(tail: bytes, eocd_pos: int, tail_start: int) -> bool:
+    loc = eocd_pos - 20
+    if loc < 0 or tail[loc : loc + 4] != _ZIP64_LOCATOR:
+        return False
+    (_sig, _disk, record_at, _disks) = struct.unpack("<4sIQI", tail[loc : loc + 20])
+    rel = record_at - tail_start
+    if rel < 0 or tail[rel : rel + 4] != _ZIP64_EOCD:
+        return False
+    cd_size, cd_offset = struct.unpack("<QQ", tail[rel + 40 : rel + 56])
+    return cd_offset + cd_size == record_at
+
+
+def safetensors_is_whole(path: str) -> bool:
+    """8 + header length + the largest data offset == file size."""
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+            if 8 + header_len > size:
+                return False
+            header = json.loads(fh.read(header_len))
+    except (OSError, struct.error, ValueError):
+        return False
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    return 8 + header_len + max(ends, default=0) == size
+
+
+def read_pointer(path: str) -> Optional[str]:
+    """The stripped text of a pointer file; None while it is missing or empty
+    (pointer files are written in place, so empty means "not yet")."""
+    try:
+        with open(path, "r", encoding="utf-8", errors="replace") as fh:
+            text = fh.read().strip()
+    except OSError:
+        return None
+    return text or None
+
+
+def _weights_whole(path: str) -> bool:
+    """The completeness rule for one weights file, by its kind."""
+    if path.endswith(".safetensors"):
+        return safetensors_is_whole(path)
+    if path.endswith((".pt", ".pth", ".ckpt", ".bin", ".keras")):
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        # torch.save's legacy (non-zip) format has no end record: trust it once present
+        return zip_is_whole(path) if magic == b"PK\x03\x04" else bool(magic)
+    return True
+
+
+def _files_whole(directory: str, names: Iterable[str]) -> bool:
+    try:
+        return all(_weights_whole(os.path.join(directory, name)) for name in names)
+    except OSError:
+        return False
+
+
+# -- layouts ----------------------------------------------------------------------
+
+
+@dataclass
+class Layout:
+    """How one framework lays out checkpoints in a directory.
+
+    ``entry`` matches an entry name directly in the directory (a file or a
+    directory) and gives its ``step``; ``ignore`` names entries that are never
+    checkpoints (temporary ones); ``markers`` identify the layout for
+    ``--layout auto``; ``complete(root, name, step)`` says whether that
+    checkpoint is finished. ``counts`` is "steps", or what else the number
+    counts.
+    """
+
+    name: str
+    entry: str
+    complete: Callable[["Layout", str, str, int], bool]
+    markers: str = ""
+    ignore: str = r"^$"
+    counts: str = "steps"
+    description: str = ""
+    example: str = ""
+    state: Dict[str, object] = field(default_factory=dict, compare=False)
+
+    @cached_property
+    def entry_re(self) -> re.Pattern:
+        return re.compile(self.entry)
+
+    @cached_property
+    def ignore_re(self) -> re.Pattern:
+        return re.compile(self.ignore)
+
+    @cached_property
+    def markers_re(self) -> re.Pattern:
+        return re.compile(self.markers or self.entry)
+
+    def step_of(self, name: str) -> Optional[int]:
+        """The step an entry name stands for, None if it is not a checkpoint."""
+        if self.ignore_re.search(name):
+            return None
+        match = self.entry_re.search(name)
+        if match is None:
+            return None
+        try:
+            return int(match.group("step") if "step" in self.entry_re.groupindex else match.group(1))
+        except (IndexError, TypeError, ValueError):
+            return None
+
+    def detect(self, names: Iterable[str]) -> bool:
+        return any(self.markers_re.search(name) for name in names)
+
+    def is_complete(self, root: str, name: str, step: int) -> bool:
+        try:
+            return bool(self.complete(self, root, name, step))
+        except OSError:  # deleted or replaced while we looked: not finished
+            return False
+
+
+def _hf_complete(layout, root, name, step) -> bool:
+    try:
+        with open(os.path.join(root, name, "trainer_state.json"), "rb") as fh:
+            state = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("global_step") == step
+
+
+def _lightning_complete(layout, root, name, step) -> bool:
+    return zip_is_whole(os.path.join(root, name))
+
+
+_TF_STATE_LINE = re.compile(r'^(?:model_checkpoint_path|all_model_checkpoint_paths):\s*"(?P<path>[^"]*)"', re.M)
+_TF_SHARD = re.compile(r"\.data-(\d+)-of-(\d+)$")
+
+
+def _tf_prefix(name: str) -> str:
+    return re.sub(r"\.(?:index|meta|data-\d+-of-\d+)$", "", name)
+
+
+def _tf_complete(layout, root, name, step) -> bool:
+    state = read_pointer(os.path.join(root, "checkpoint"))
+    if state is None:
+        return False
+    prefix = _tf_prefix(name)
+    named = {os.path.basename(m.group("path")) for m in _TF_STATE_LINE.finditer(state)}
+    if prefix not in named or not os.path.exists(os.path.join(root, prefix + ".index")):
+        return False
+    shards = [n for n in os.listdir(root) if n.startswith(prefix + ".data-")]
+    if not shards:
+        return False
+    total = int(_TF_SHARD.search(shards[0]).group(2))
+    return len({_TF_SHARD.search(n).group(1) for n in shards if _TF_SHARD.search(n)}) == total
+
+
+def _deepspeed_complete(layout, root, name, step) -> bool:
+    tag = read_pointer(os.path.join(root, "latest"))
+    named = re.search(r"(\d+)$", tag or "")
+    if named is None or int(named.group(1)) < step:
+        return False
+    directory = os.path.join(root, name)
+    states = [n for n in os.listdir(directory) if n.endswith("_states.pt")]
+    return bool(states) and _files_whole(directory, states)
+
+
+def _megatron_complete(layout, root, name, step) -> bool:
+    tracker = read_pointer(os.path.join(root, "latest_checkpointed_iteration.txt"))
+    return tracker is not None and tracker.isdigit() and int(tracker) >= step
+
+
+def _orbax_complete(layout, root, name, step) -> bool:
+    # On local disk the final name appears by rename, whole. Object stores have
+    # no rename: there commit_success.txt marks a finished step, and once one
+    # step directory has it, every step directory must.
+    if os.path.exists(os.path.join(root, name, "commit_success.txt")):
+        layout.state["commit_marker"] = True
+        return True
+    return os.path.isdir(os.path.join(root, name)) and not layout.state.get("commit_marker")
+
+
+def _torchtitan_complete(layout, root, name, step) -> bool:
+    directory = os.path.join(root, name)
+    return os.path.exists(os.path.join(directory, ".metadata")) or os.path.exists(
+        os.path.join(directory, "model.safetensors.index.json")
+    )
+
+
+def _mmengine_complete(layout, root, name, step) -> bool:
+    pointer = read_pointer(os.path.join(root, "last_checkpoint"))
+    named = layout.step_of(os.path.basename(pointer or ""))
+    return named is not None and named >= step and zip_is_whole(os.path.join(root, name))
+
+
+def _composer_complete(layout, root, name, step) -> bool:
+    for entry in os.listdir(root):
+        if entry.startswith("latest-rank0"):
+            try:
+                target = os.path.basename(os.readlink(os.path.join(root, entry)))
+            except OSError:
+                continue
+            named = layout.step_of(target)
+            if named is not None and named >= step:
+                return zip_is_whole(os.path.join(root, name))
+    return False
+
+
+def _fairseq_complete(layout, root, name, step) -> bool:
+    return zip_is_whole(os.path.join(root, name))
+
+
+def _generic_complete(layout, root, name, step) -> bool:
+    """Size and modification time unchanged across two looks at least ``settle`` apart."""
+    import time
+
+    path = os.path.join(root, name)
+    signature = _tree_signature(path)
+    if signature is None:
+        return False
+    looks = layout.state.setdefault("looks", {})
+    now = time.monotonic()
+    settle = layout.state.get("settle", 1.0)
+    seen = looks.get(name)
+    if seen is None and time.time() - signature[2] / 1e9 >= settle:
+        return True  # untouched for longer than a look would wait
+    if seen is None or seen[0] != signature:
+        looks[name] = (signature, now)
+        return False
+    if now - seen[1] >= settle:
+        looks.pop(name, None)
+        return True
+    return False
+
+
+def _tree_signature(path: str) -> Optional[Tuple[int, int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not os.path.isdir(path):
+        return (1, st.st_size, st.st_mtime_ns)
+    count, size, mtime = 0, 0, st.st_mtime_ns
+    for directory, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                fst = os.stat(os.path.join(directory, name))
+            except OSError:
+                return None
+            count, size, mtime = count + 1, size + fst.st_size, max(mtime, fst.st_mtime_ns)
+    return (count, size, mtime)
+
+
+def _layouts() -> Dict[str, Layout]:
+    # In detection order: the layouts with the most specific names first.
+    return {
+        layout.name: layout
+        for layout in (
+            Layout(
+                "hf",
+                r"^checkpoint-(?P<step>\d+)$",
+                _hf_complete,
+                markers=r"^(?:tmp-)?checkpoint-\d+$",
+                ignore=r"^tmp-",
+                description="Hugging Face Trainer: checkpoint-N/, done when trainer_state.json has global_step N",
+                example="stopstep run --num-steps 500 --checkpoint-dir out --layout hf -- python train.py --output_dir out",
+            ),
+            Layout(
+                "lightning",
+                r"(?:^|[-_])step=(?P<step>\d+)(?:-v\d+)?\.ckpt$",
+                _lightning_complete,
+                markers=r"(?:step=\d+.*|^last)\.ckpt$",
+                description="PyTorch Lightning ModelCheckpoint: epoch=E-step=N.ckpt, done when the zip archive is whole",
+                example="stopstep run --last-step 2000 --checkpoint-dir lightning_logs/version_0/checkpoints --layout lightning -- python train.py",
+            ),
+            Layout(
+                "tf",
+                r"^(?:.*[-_.])?ckpt-(?P<step>\d+)\.index$",
+                _tf_complete,
+                markers=r"^checkpoint$|ckpt-\d+\.index$",
+                counts="saves, unless CheckpointManager.save(checkpoint_number=step) (TF Estimator's model.ckpt-N is the step)",
+                description="TensorFlow: the `checkpoint` state file names ckpt-N, whose .index and every data shard exist",
+                example="stopstep run --last-step 10000 --checkpoint-dir model_dir --layout tf -- python train.py",
+            ),
+            Layout(
+                "deepspeed",
+                r"^global_step(?P<step>\d+)$",
+                _deepspeed_complete,
+                markers=r"^latest$|^global_step\d+$",
+                description="DeepSpeed: global_stepN/, done when `latest` names it and every *_states.pt is whole",
+                example="stopstep run --last-step 5000 --checkpoint-dir ckpts --layout deepspeed -- deepspeed train.py",
+            ),
+            Layout(
+                "megatron",
+                r"^iter_(?P<step>\d{7})$",
+                _megatron_complete,
+                markers=r"^latest_checkpointed_iteration\.txt$|^iter_\d{7}$",
+                description="Megatron-LM: iter_000000N/, done when latest_checkpointed_iteration.txt says N or more",
+                example="stopstep run --last-step 20000 --checkpoint-dir $CHECKPOINT_PATH --layout megatron -- torchrun ... pretrain_gpt.py",
+            ),
+            Layout(
+                "torchtitan",
+                r"^step-(?P<step>\d+)$",
+                _torchtitan_complete,
+                description="torchtitan / torch.distributed.checkpoint: step-N/, done when its .metadata exists",
+                example="stopstep run --last-step 1000 --checkpoint-dir outputs/checkpoint --layout torchtitan -- torchrun ... train.py",
+            ),
+            Layout(
+                "mmengine",
+                r"^iter_(?P<step>\d+)\.pth$",
+                _mmengine_complete,
+                markers=r"^last_checkpoint$|^iter_\d+\.pth$",
+                description="MMEngine: iter_N.pth, done when last_checkpoint names it (or a later one) and it is whole; epoch_N.pth counts epochs and is ignored",
+                example="stopstep run --last-step 8000 --checkpoint-dir work_dirs/my_config --layout mmengine -- python tools/train.py my_config.py",
+            ),
+            Layout(
+                "composer",
+                r"^ep\d+-ba(?P<step>\d+)-rank0\.pt$",
+                _composer_complete,
+                markers=r"^ep\d+-ba\d+-rank\d+\.pt$|^latest-rank0",
+                description="MosaicML Composer: ep{E}-ba{N}-rank0.pt, done when the latest-rank0.pt symlink points at it (or later)",
+                example="stopstep run --last-step 3000 --checkpoint-dir checkpoints --layout composer -- composer train.py",
+            ),
+            Layout(
+                "fairseq",
+                r"^checkpoint_\d+_(?P<step>\d+)\.pt$",
+                _fairseq_complete,
+                markers=r"^checkpoint_\d+_\d+\.pt$|^checkpoint_last\.pt$",
+                ignore=r"\.tmp$",
+                description="fairseq: checkpoint_E_N.pt (N = num_updates), never .tmp, done when the zip archive is whole",
+                example="stopstep run --last-step 50000 --checkpoint-dir checkpoints --layout fairseq -- fairseq-train ...",
+            ),
+            Layout(
+                "orbax",
+                r"^(?:.*_)?(?P<step>\d+)$",
+                _orbax_complete,
+                markers=r"^\d+$|\.orbax-checkpoint-tmp",
+                ignore=r"\.orbax-checkpoint-tmp",
+                description="JAX orbax CheckpointManager: step directories N (or prefix_N); never a *.orbax-checkpoint-tmp-* one; commit_success.txt where present",
+                example="stopstep run --last-step 10000 --checkpoint-dir /ckpt --layout orbax -- python train.py",
+            ),
+            Layout(
+                "generic",
+                r"(?P<step>\d+)(?!.*\d)",
+                _generic_complete,
+                markers=r"(?!)",  # never detected: chosen with --layout generic or --checkpoint-pattern
+                description="anything else: the last number in an entry's name (or --checkpoint-pattern), done when its size and mtime are unchanged over two looks",
+                example="stopstep run --last-step 900 --checkpoint-dir ckpt --checkpoint-pattern 'model_(?P<step>\\d+)\\.bin' -- ./train",
+            ),
+        )
+    }
+
+
+LAYOUT_NAMES = tuple(_layouts())
+
+
+def make_layout(name: str, pattern: Optional[str] = None) -> Layout:
+    """A fresh layout (layouts keep a little state per directory)."""
+    layouts = _layouts()
+    if pattern is not None:
+        layout = layouts["generic"]
+        layout.entry = pattern
+        return layout
+    try:
+        return layouts[name]
+    except KeyError:
+        raise ValueError(f"unknown layout {name!r}; choose from auto, {', '.join(LAYOUT_NAMES)}") from None
+
+
+def detect_layout(names: List[str]) -> Optional[Layout]:
+    """The layout a directory's entries show, for ``--layout auto``; None if none yet."""
+    for name, layout in _layouts().items():
+        if name != "generic" and layout.detect(names):
+            return layout
+    return None
