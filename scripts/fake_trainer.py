@@ -220,6 +220,7 @@ class RotatingLog:
 
     def __init__(self, path, rotate_every):
         self.path, self.rotate_every, self.lines = path, rotate_every, 0
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.fh = open(path, "a")
 
     def write(self, line):

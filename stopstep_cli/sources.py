@@ -143,6 +143,18 @@ class _Watched:
         except OSError:
             self._handle, self._watched_path = None, None
 
+    def _follow(self, directory: str, recursive: bool) -> bool:
+        """Watch ``directory``, or its nearest existing ancestor until it exists
+        (each directory created on the way is watched in turn); True once it does."""
+        while self._watcher is not None:
+            target = directory if os.path.isdir(directory) else _nearest_existing(directory)
+            if target == self._watched_path:
+                break
+            self._watch(target, recursive if target == directory else False)
+            if self._watched_path != target:
+                break  # could not watch it; polling the refreshes still finds it
+        return os.path.isdir(directory)
+
     def tick(self, now: float) -> List[Observation]:
         """Called by the loop when ``next_due`` has come."""
         if self.poll:
@@ -194,13 +206,11 @@ class LogFileSource(_Watched):
         return self.refresh(())
 
     def _rewatch(self) -> None:
-        if self.poll is None:
-            self._watch(_nearest_existing(os.path.dirname(self.path)), False)
+        self._follow(os.path.dirname(self.path), False)
 
     def refresh(self, paths: Iterable[str]) -> List[Observation]:
         out: List[Observation] = []
-        if self._watched_path != os.path.dirname(self.path):
-            self._rewatch()  # the directory may have appeared
+        self._rewatch()  # the directory may have appeared
         try:
             st = os.stat(self.path)
         except OSError:
@@ -293,11 +303,7 @@ class CheckpointSource(_Watched):
         return self.refresh((), everything=True)  # what appeared between the scan and the watch
 
     def _rewatch(self) -> None:
-        if self.poll is None:
-            if os.path.isdir(self.root):
-                self._watch(self.root, True)
-            else:
-                self._watch(_nearest_existing(self.root), False)
+        self._follow(self.root, True)
 
     def _list(self) -> Dict[str, int]:
         """Checkpoint candidates in the directory, name -> step (detecting the layout if needed)."""
@@ -340,9 +346,8 @@ class CheckpointSource(_Watched):
 
     def refresh(self, paths: Iterable[str], everything: bool = False) -> List[Observation]:
         names: Optional[set]
-        if not self._root_seen and os.path.isdir(self.root):
-            self._rewatch()  # the directory just appeared: watch it, and look at all of it
-            names = None
+        if not self._root_seen and self._follow(self.root, True):
+            names = None  # the directory just appeared: look at all of it
         else:
             names = None if everything else self._changed_names(paths)
         if names is None:

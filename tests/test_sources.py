@@ -101,6 +101,14 @@ def test_log_file_with_rotation(tmp_path):
     assert b"step" not in result.stdout  # the steps were only in the file
 
 
+def test_log_file_in_a_directory_made_after_launch(tmp_path):
+    log = tmp_path / "runs" / "today" / "train.log"
+    result, report = report_of(tmp_path, "--last-step", "10", "--log-file", log, "--",
+                               *trainer("--rate", "100", "--log-file", log))
+    assert result.returncode == 0
+    assert report["last_step_seen"] == 10
+
+
 def test_log_file_from_start_counts_what_was_there(tmp_path):
     log = tmp_path / "train.log"
     log.write_text("step 50\n")
