@@ -69,12 +69,35 @@ def cli() -> None:
               help="Write a JSON summary here (atomically) when stopstep ends.")
 @click.option("--require-target", is_flag=True,
               help="Exit 3 if the command exits 0 before reaching the target.")
+@click.option("--max-restarts", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="Start the command again when it exits non-zero before the target.")
+@click.option("--restart-delay", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
+              help="Wait this long before each restart.")
+@click.option("--stall-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Stop (exit 124) when no new step comes for this long.")
+@click.option("--first-step-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="How long the first step of each process may take (default: --stall-timeout).")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Stop (exit 124) after this much wall-clock time.")
+@click.option("--stop-on-nan", is_flag=True, help="Stop (exit 4) when the loss is NaN or infinite.")
+@click.option("--nan-field", default="loss", show_default=True, metavar="NAME",
+              help="The pattern's named group --stop-on-nan reads.")
+@click.option("--hook", "hook_specs", multiple=True, metavar="MODULE:CLASS",
+              help="A SessionRunHook of yours: module:Class or path/to/file.py:Class. Repeatable.")
+@click.option("--hook-arg", "hook_args", multiple=True, metavar="KEY=VALUE",
+              help="A constructor argument for the --hook classes that take it. Repeatable.")
+@click.option("--subreaper/--no-subreaper", default=True, show_default=True,
+              help="Adopt and reap orphaned descendants (always on as PID 1).")
+@click.option("--tty", type=click.Choice(("auto", "always", "never")), default="auto", show_default=True,
+              help="Run the command's output on a pseudo-terminal (auto: where stopstep's own is a terminal).")
+@click.option("--progress", type=click.Choice(("auto", "always", "never")), default="auto", show_default=True,
+              help="Status line on stderr (auto: when stderr is a terminal; else a line every --status-interval).")
+@click.option("--status-interval", type=click.FloatRange(min=0), default=60.0, show_default=True, metavar="SECONDS",
+              help="Without a terminal, print progress this often (0: never).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors from stopstep itself.")
 @click.option("-v", "--verbose", is_flag=True, help="Also say what stopstep sees and does.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- COMMAND [ARG...]")
-def run(last_step, num_steps, patterns, presets, log_files, log_file_from_start, checkpoint_dirs, layout,
-        checkpoint_pattern, poll, stop_after_checkpoint, stop_signal, grace_period, report_path,
-        require_target, quiet, verbose, command) -> int:
+def run(**opts) -> int:
     """Run COMMAND and stop it once its global step reaches the target.
 
     \b
@@ -82,45 +105,90 @@ def run(last_step, num_steps, patterns, presets, log_files, log_file_from_start,
       stopstep run --last-step 5000 -- python train.py
       stopstep run --num-steps 50 --preset hf --report run.json -- python train.py
     """
-    if (last_step is None) == (num_steps is None):
+    if (opts["last_step"] is None) == (opts["num_steps"] is None):
         raise UsageError("give exactly one of --last-step or --num-steps "
                          "(or STOPSTEP_LAST_STEP / STOPSTEP_NUM_STEPS)")
-    if not command:
+    if not opts["command"]:
         raise UsageError("no command given; put it after --, e.g. stopstep run --last-step 100 -- python train.py")
-    if quiet and verbose:
+    if opts["quiet"] and opts["verbose"]:
         raise UsageError("--quiet and --verbose cannot be used together")
     try:
-        formats = resolve_formats(patterns, presets)
+        formats = resolve_formats(opts["patterns"], opts["presets"])
     except PatternError as exc:
         raise UsageError(str(exc)) from None
-    if report_path:
-        check_report_path(report_path)
-    sources = _file_sources(formats, log_files, log_file_from_start, checkpoint_dirs, layout,
-                            checkpoint_pattern, poll, stop_after_checkpoint)
+    if opts["report_path"]:
+        check_report_path(opts["report_path"])
+    sources = _file_sources(formats, opts["log_files"], opts["log_file_from_start"], opts["checkpoint_dirs"],
+                            opts["layout"], opts["checkpoint_pattern"], opts["poll"], opts["stop_after_checkpoint"])
+    hooks = _hooks(opts)
 
     from .supervisor import Supervisor  # after validation: a usage error stays cheap
 
-    console = Console(QUIET if quiet else VERBOSE if verbose else NORMAL)
+    console = Console(QUIET if opts["quiet"] else VERBOSE if opts["verbose"] else NORMAL)
     supervisor = Supervisor(
-        command,
-        target=StopAtStepHook(num_steps=num_steps, last_step=last_step),
+        opts["command"],
+        target=StopAtStepHook(num_steps=opts["num_steps"], last_step=opts["last_step"]),
+        hooks=hooks,
         formats=formats,
-        stop_signal=stop_signal,
-        grace_period=grace_period,
-        require_target=require_target,
+        stop_signal=opts["stop_signal"],
+        grace_period=opts["grace_period"],
+        require_target=opts["require_target"],
         console=console,
         sources=sources,
-        stop_after_checkpoint=stop_after_checkpoint,
+        stop_after_checkpoint=opts["stop_after_checkpoint"],
+        max_restarts=opts["max_restarts"],
+        restart_delay=opts["restart_delay"],
+        subreaper=opts["subreaper"],
+        tty=opts["tty"],
+        foreground=True,
+        progress=_progress(opts),
     )
     report = supervisor.run()
-    if report_path:
+    if opts["report_path"]:
         try:
-            write_report(report_path, report)
+            write_report(opts["report_path"], report)
         except StopstepError as exc:
             console.error(str(exc))
             if report.exit_code == 0:
                 report.exit_code = exc.exit_code
+    from .progress import github_step_summary
+
+    github_step_summary(report)
     return report.exit_code
+
+
+def _hooks(opts) -> list:
+    """The built-in hooks the options ask for, then the user's, in that order."""
+    from .standard_hooks import NanLossHook, StallHook, TimeLimitHook
+    from .user_hooks import HookLoadError, load_hooks, parse_hook_args
+
+    hooks = []
+    if opts["stall_timeout"] or opts["first_step_timeout"]:
+        hooks.append(StallHook(opts["stall_timeout"], opts["first_step_timeout"]))
+    if opts["time_limit"]:
+        hooks.append(TimeLimitHook(opts["time_limit"]))
+    if opts["stop_on_nan"]:
+        hooks.append(NanLossHook(opts["nan_field"]))
+    if opts["hook_args"] and not opts["hook_specs"]:
+        raise UsageError("--hook-arg needs --hook")
+    try:
+        hooks += load_hooks(opts["hook_specs"], parse_hook_args(opts["hook_args"]))
+    except HookLoadError as exc:
+        raise UsageError(str(exc)) from None
+    return hooks
+
+
+def _progress(opts):
+    from .progress import Progress
+    from .terminal import is_terminal
+
+    mode = opts["progress"]
+    if opts["quiet"] or mode == "never":
+        return None
+    status_line = mode == "always" or (mode == "auto" and is_terminal(2))
+    if not status_line and not opts["status_interval"]:
+        return None
+    return Progress(status_line, opts["status_interval"])
 
 
 def _file_sources(formats, log_files, from_start, checkpoint_dirs, layout, checkpoint_pattern, poll,

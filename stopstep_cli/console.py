@@ -11,9 +11,12 @@ class Console:
     def __init__(self, level: int = NORMAL, stream=None):
         self.level = level
         self.stream = stream
+        self.before_write = None  # e.g. erase a status line first
 
     def _write(self, text: str) -> None:
         stream = self.stream or sys.stderr
+        if self.before_write is not None:
+            self.before_write()
         try:
             stream.write(f"stopstep: {text}\n")
             stream.flush()

@@ -49,6 +49,7 @@ class SessionRunContext:
         self._stop_requested = False
         self.stop_reason: Optional[str] = None
         self.stop_exit_code = 0
+        self.stop_message: Optional[str] = None
 
     @property
     def original_args(self) -> SessionRunArgs:
@@ -62,15 +63,17 @@ class SessionRunContext:
     def stop_requested(self) -> bool:
         return self._stop_requested
 
-    def request_stop(self, reason: Optional[str] = None, exit_code: int = 0) -> None:
+    def request_stop(self, reason: Optional[str] = None, exit_code: int = 0, message: Optional[str] = None) -> None:
         """Ask the supervisor to stop the command after this observation.
 
-        ``reason`` and ``exit_code`` are stopstep's extension: they become the
-        report's ``reason`` and stopstep's exit status. The first request wins.
+        ``reason``, ``exit_code`` and ``message`` are stopstep's extension: the
+        report's ``reason``, stopstep's exit status, and the line it prints.
+        The first request wins.
         """
         if not self._stop_requested:
             self.stop_reason = reason or "hook_requested"
             self.stop_exit_code = exit_code
+            self.stop_message = message
         self._stop_requested = True
 
 
@@ -101,11 +104,14 @@ class Coordinator:
         self._stop = False
         self.reason: Optional[str] = None
         self.exit_code = 0
+        self.message: Optional[str] = None
 
-    def request_stop(self, reason: Optional[str] = None, exit_code: int = 0) -> None:
+    def request_stop(self, reason: Optional[str] = None, exit_code: int = 0, message: Optional[str] = None) -> None:
+        """Stop the run at the next chance (same arguments as SessionRunContext.request_stop)."""
         if not self._stop:
             self.reason = reason or "hook_requested"
             self.exit_code = exit_code
+            self.message = message
         self._stop = True
 
     def should_stop(self) -> bool:
@@ -129,6 +135,15 @@ class SessionRunHook:
 
     def end(self, session: TrainingSession) -> None:
         pass
+
+    # stopstep's extension, for hooks that must act when no step comes at all
+
+    def deadline(self) -> Optional[float]:
+        """A ``time.monotonic()`` time at which to call :meth:`on_deadline`, or None."""
+        return None
+
+    def on_deadline(self, session: TrainingSession, coord: "Coordinator") -> None:
+        """Called once the deadline has passed; may ``coord.request_stop(...)``."""
 
 
 class StopAtStepHook(SessionRunHook):
@@ -185,6 +200,7 @@ class HookRunner:
 
     def __init__(self, hooks: Iterable[SessionRunHook]):
         self.hooks: List[SessionRunHook] = list(hooks)
+        self._woken: dict = {}  # hook id -> the deadline it was last woken for
 
     def begin(self) -> None:
         for hook in self.hooks:
@@ -206,3 +222,19 @@ class HookRunner:
     def end(self, session: TrainingSession) -> None:
         for hook in self.hooks:
             hook.end(session)
+
+    def next_deadline(self) -> Optional[float]:
+        deadlines = [d for d in (self._due(hook) for hook in self.hooks) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def on_deadlines(self, session: TrainingSession, coord: Coordinator, now: float) -> None:
+        """Wake every hook whose deadline has passed, in order, once per deadline."""
+        for hook in self.hooks:
+            deadline = self._due(hook)
+            if deadline is not None and deadline <= now:
+                self._woken[id(hook)] = deadline
+                hook.on_deadline(session, coord)
+
+    def _due(self, hook: SessionRunHook) -> Optional[float]:
+        deadline = hook.deadline()
+        return None if deadline is None or self._woken.get(id(hook)) == deadline else deadline

@@ -402,7 +402,8 @@ def _layouts() -> Dict[str, Layout]:
     }
 
 
-LAYOUT_NAMES = tuple(_layouts())
+_PROTOTYPES = _layouts()  # read-only: for names and detection; runs get their own via make_layout
+LAYOUT_NAMES = tuple(_PROTOTYPES)
 
 
 def make_layout(name: str, pattern: Optional[str] = None) -> Layout:
@@ -420,7 +421,7 @@ def make_layout(name: str, pattern: Optional[str] = None) -> Layout:
 
 def detect_layout(names: List[str]) -> Optional[Layout]:
     """The layout a directory's entries show, for ``--layout auto``; None if none yet."""
-    for name, layout in _layouts().items():
+    for name, layout in _PROTOTYPES.items():
         if name != "generic" and layout.detect(names):
-            return layout
+            return make_layout(name)
     return None

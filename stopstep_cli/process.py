@@ -38,6 +38,19 @@ FORWARDED_SIGNALS = (
     signal.SIGALRM,
     signal.SIGWINCH,
 )
+#: Signals never passed on: uncatchable, stopstep's own business, or faults.
+_NOT_FORWARDED = frozenset(
+    (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGPIPE, signal.SIGCONT,
+     signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU,
+     signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS, signal.SIGABRT)
+)
+
+
+def all_catchable_signals() -> tuple:
+    """Every standard signal stopstep can pass on (as PID 1, like tini and dumb-init)."""
+    return tuple(s for s in signal.Signals if 0 < s < 32 and s not in _NOT_FORWARDED)
+
+
 #: Of those, the ones after which stopstep brings the tree down and exits 128+n.
 TERMINATING_SIGNALS = frozenset(
     (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGALRM)
@@ -155,8 +168,10 @@ class ProcessTree:
 
     # -- start ------------------------------------------------------------
 
-    def spawn(self) -> int:
-        """Start the command in its own process group, its output on pipes."""
+    def spawn(self, stdout_pty: bool = False, stderr_pty: bool = False, child_setup=None) -> int:
+        """Start the command in its own process group, its output on pipes (or on
+        pseudo-terminals, for live progress bars). ``child_setup`` runs in the
+        command before exec."""
         parent = os.getpid()
         death_signal = self.death_signal
         prctl = _libc().prctl if sys.platform.startswith("linux") else None
@@ -167,13 +182,26 @@ class ProcessTree:
                 prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
                 if os.getppid() != parent:  # stopstep died before the prctl
                     os._exit(128 + death_signal)
+            if child_setup is not None:
+                child_setup()
+            # stopstep ignores these for itself; ignored dispositions would survive exec
+            signal.signal(signal.SIGTTIN, signal.SIG_DFL)
+            signal.signal(signal.SIGTTOU, signal.SIG_DFL)
 
+        ptys = {}
+        if stdout_pty or stderr_pty:
+            from .terminal import open_output_pty
+
+            if stdout_pty:
+                ptys["stdout"] = open_output_pty(1)
+            if stderr_pty:
+                ptys["stderr"] = open_output_pty(2)
         try:
             proc = subprocess.Popen(
                 self.argv,
                 stdin=None,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+                stdout=ptys["stdout"][1] if stdout_pty else subprocess.PIPE,
+                stderr=ptys["stderr"][1] if stderr_pty else subprocess.PIPE,
                 env=self.env,
                 preexec_fn=in_child,
                 close_fds=True,
@@ -189,15 +217,21 @@ class ProcessTree:
             if exc.errno in (errno.ENOEXEC, errno.EISDIR):
                 raise CommandNotExecutable(f"cannot run {self.argv[0]}: {exc.strerror}") from None
             raise StopstepError(f"cannot start {self.argv[0]}: {exc.strerror}") from None
+        finally:
+            for _master, slave in ptys.values():
+                os.close(slave)  # the command holds its own copies
         self.pid = proc.pid
         # Own the descriptors; the Popen object must never wait() for us.
-        self.stdout_fd = os.dup(proc.stdout.fileno())
-        self.stderr_fd = os.dup(proc.stderr.fileno())
-        proc.stdout.close()
-        proc.stderr.close()
+        for name in ("stdout", "stderr"):
+            if name in ptys:
+                fd = ptys[name][0]
+            else:
+                pipe = getattr(proc, name)
+                fd = os.dup(pipe.fileno())
+                pipe.close()
+                _enlarge_pipe(fd)
+            setattr(self, f"{name}_fd", fd)
         proc.returncode = 0  # keeps Popen.__del__ from reaping behind our back
-        for fd in (self.stdout_fd, self.stderr_fd):
-            _enlarge_pipe(fd)
         return self.pid
 
     # -- signals out --------------------------------------------------------
@@ -231,6 +265,16 @@ class ProcessTree:
         else:  # CLD_KILLED, CLD_DUMPED
             self.returncode = -info.si_status
         return self.returncode
+
+    def poll_stopped(self) -> bool:
+        """Was the command stopped by a job-control signal since the last call?"""
+        if self.pid is None or self.returncode is not None:
+            return False
+        try:
+            info = os.waitid(os.P_PID, self.pid, os.WSTOPPED | os.WNOHANG)
+        except ChildProcessError:
+            return False
+        return info is not None and info.si_pid == self.pid and info.si_code == os.CLD_STOPPED
 
     def reap_orphans(self) -> None:
         """Reap exited children other than the command (orphans re-parented to us)."""

@@ -34,6 +34,8 @@ class RunReport:
     observations_coalesced: int = 0  # step lines passed over for a later one in the same read
     last_checkpoint_step: Optional[int] = None  # the newest complete checkpoint seen (at launch or since)
     last_checkpoint_path: Optional[str] = None
+    restarts: int = 0  # times the command was started again after a crash
+    attempts: List[dict] = field(default_factory=list)  # each run of the command: pid, steps, status
     command: List[str] = field(default_factory=list)
     pid: Optional[int] = None
 

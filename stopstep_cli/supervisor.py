@@ -2,10 +2,12 @@
 
 It pumps the command's output through (scanning each read for steps), takes
 steps from the other sources (log files, checkpoint directories), feeds every
-new step through the hooks, acts on stop requests, passes signals on, and
-brings the process tree down. The stop signal is sent the moment a hook asks
-for it, before the read that carried the step is even written out; everything
-slower (walking the process tree, messages) comes after.
+new step through the hooks, wakes hooks whose deadline came (stall, time
+limit), acts on stop requests, passes signals on, brings the process tree
+down, and restarts a crashed command when asked to. The stop signal is sent
+the moment a hook asks for it, before the read that carried the step is even
+written out; everything slower (walking the process tree, messages) comes
+after.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from .console import Console
 from .errors import EXIT_KILLED, EXIT_TARGET_NOT_REACHED, StopstepError
 from .hooks import Coordinator, HookRunner, SessionRunHook, StopAtStepHook, TrainingSession
 from .patterns import StepFormat
-from .process import TERMINATING_SIGNALS, ProcessTree, SignalInbox, become_subreaper, status_to_exit_code
+from .process import (
+    FORWARDED_SIGNALS,
+    TERMINATING_SIGNALS,
+    ProcessTree,
+    SignalInbox,
+    all_catchable_signals,
+    become_subreaper,
+    status_to_exit_code,
+)
 from .report import RunReport
 from .scanner import LineScanner, Observation
 
@@ -47,6 +57,7 @@ class _Stream:
         self.out_fd = out_fd
         self.scanner = scanner
         self.open = True
+        self.to_terminal = False
 
 
 class Supervisor:
@@ -59,6 +70,7 @@ class Supervisor:
     checkpoint at launch is the step the run starts at. With
     ``stop_after_checkpoint``, a reached target waits (up to the grace period)
     for a complete checkpoint at or past it before the stop signal goes out.
+    ``max_restarts`` restarts a command that exits non-zero before the target.
     :meth:`run` returns a :class:`RunReport`; its ``exit_code`` is stopstep's status.
     """
 
@@ -76,6 +88,12 @@ class Supervisor:
         start_step: Optional[int] = None,
         sources: Iterable = (),
         stop_after_checkpoint: bool = False,
+        max_restarts: int = 0,
+        restart_delay: float = 0.0,
+        subreaper: bool = True,
+        tty: str = "never",
+        foreground: bool = False,
+        progress=None,
     ):
         from .patterns import resolve_formats
 
@@ -91,25 +109,39 @@ class Supervisor:
         self.console = console or Console()
         self.sources = list(sources)
         self.stop_after_checkpoint = stop_after_checkpoint
-        self.tree = ProcessTree(self.argv, self.env, death_signal=self.stop_signal)
+        self.max_restarts = max_restarts
+        self.restart_delay = restart_delay
+        self.subreaper = subreaper
+        self.tty = tty
+        self.foreground_wanted = foreground
+        self.progress = progress
         self.coord = Coordinator()
         self.session = TrainingSession(self.argv, start_step=start_step)
         self.report = RunReport(command=self.argv, start_step=start_step)
 
         self._buf = bytearray(READ_SIZE)
         self._view = memoryview(self._buf)
-        self._streams: Dict[int, _Stream] = {}
         self._poller = select.poll()
+        self._inbox: Optional[SignalInbox] = None
         self._waker = None
         self._watcher = None
+        self._foreground = None
         self._started = 0.0
-        self._global_step: Optional[int] = start_step
-        self._source_steps: Dict[str, int] = {}  # the last step each source saw
         self._first_seen_at: Optional[float] = None
         self._last_seen_at: Optional[float] = None
-        self._stop_requested = False  # hooks have asked to stop (or a signal came): no more hook runs
+        self._stop_requested = False  # hooks asked to stop (or a signal came): no more hook runs
         self._stop_exit_code = 0
         self._checkpoint_wait: Optional[float] = None  # stop deferred for a checkpoint until then
+        self._pending: List[str] = []  # messages held until the output is written
+        self._hook_error: Optional[BaseException] = None
+        self._new_attempt(start_step)
+
+    def _new_attempt(self, start_step: Optional[int]) -> None:
+        """State of one run of the command (restarts get a fresh one)."""
+        self.tree = ProcessTree(self.argv, self.env, death_signal=self.stop_signal)
+        self._streams: Dict[int, _Stream] = {}
+        self._global_step: Optional[int] = start_step
+        self._source_steps: Dict[str, int] = {}  # the last step each source saw
         self._stopping = False  # the stop signal (or a terminating signal) went out
         self._deadline: Optional[float] = None  # SIGKILL after this
         self._exited = False  # the command itself has exited
@@ -117,8 +149,7 @@ class Supervisor:
         self._next_tree_check = 0.0
         self._tree_check_interval = TREE_CHECK_FIRST
         self._done = False
-        self._pending: List[str] = []  # messages held until the output is written
-        self._hook_error: Optional[BaseException] = None
+        self._attempt_started = time.monotonic()
 
     # -- the run ------------------------------------------------------------
 
@@ -126,40 +157,71 @@ class Supervisor:
         if not sys.platform.startswith("linux"):
             raise StopstepError(f"stopstep supervises processes on Linux only, not on {sys.platform}")
         self._started = time.monotonic()
-        inbox = SignalInbox()
+        pid1 = os.getpid() == 1
+        self._inbox = SignalInbox(all_catchable_signals() if pid1 else FORWARDED_SIGNALS)
+        self._poller.register(self._inbox.fileno(), select.POLLIN)
+        if self.progress is not None:
+            self.console.before_write = self.progress.clear
         try:
-            become_subreaper()
+            if self.subreaper or pid1:
+                become_subreaper()
+            if self.foreground_wanted:
+                from .terminal import Foreground
+
+                self._foreground = Foreground(0)
             self._call_hooks("begin", self.runner.begin)
             if self._hook_error is not None:
                 raise HookFailed(str(self._hook_error))
-            self._resume_point()
-            self.tree.spawn()
-            self.report.pid = self.session.pid = self.tree.pid
-            self.console.debug(f"started pid {self.tree.pid}: {' '.join(self.argv)}")
-            self._add_stream("stdout", self.tree.stdout_fd, 1)
-            self._add_stream("stderr", self.tree.stderr_fd, 2)
-            self._poller.register(inbox.fileno(), select.POLLIN)
-            self._start_sources()  # after the spawn: the command is not forked from a threaded process
-            self.tree.prepare_walks()  # while the command starts up, not when stopping
-            self._call_hooks("after_create_session",
-                             lambda: self.runner.after_create_session(self.session, self.coord))
-            self.report.target_step = self.target.last_step if self.target else None
-            if self._hook_error is not None:
-                self._request_stop("hook_error", EXIT_HOOK_FAILED)
-            while not self._done:
-                self._turn(inbox)
+            while True:
+                self._launch()
+                while not self._done:
+                    self._turn()
+                self._end_attempt()
+                if not self._restart():
+                    break
             self._finish()
         finally:
             for stream in list(self._streams.values()):
                 self._close(stream)
             self._stop_sources()
-            inbox.close()
+            if self._foreground is not None:
+                self._foreground.restore()
+            if self.progress is not None:
+                self.progress.clear()
+            self._inbox.close()
         return self.report
 
-    def _turn(self, inbox: SignalInbox) -> None:
+    def _launch(self) -> None:
+        """Start (or restart) the command and open its session."""
+        self._resume_point()
+        from .terminal import stdout_wants_pty
+
+        foreground = self._foreground if self._foreground is not None and self._foreground.active else None
+        self.tree.spawn(
+            stdout_pty=stdout_wants_pty(self.tty, 1),
+            stderr_pty=stdout_wants_pty(self.tty, 2),
+            child_setup=foreground.child_setup if foreground else None,
+        )
+        if foreground:
+            foreground.attach(self.tree.pid)
+        self.report.pid = self.session.pid = self.tree.pid
+        self.console.debug(f"started pid {self.tree.pid}: {' '.join(self.argv)}")
+        self._add_stream("stdout", self.tree.stdout_fd, 1)
+        self._add_stream("stderr", self.tree.stderr_fd, 2)
+        if self._watcher is None and self._waker is None:
+            self._start_sources()  # after the spawn: the command is not forked from a threaded process
+        self.tree.prepare_walks()  # while the command starts up, not when stopping
+        self._call_hooks("after_create_session", lambda: self.runner.after_create_session(self.session, self.coord))
+        self.report.target_step = self.target.last_step if self.target else None
+        if self._hook_error is not None:
+            self._request_stop("hook_error", EXIT_HOOK_FAILED)
+        elif self.coord.should_stop():
+            self._request_stop(self.coord.reason, self.coord.exit_code, message=self.coord.message)
+
+    def _turn(self) -> None:
         for fd, _events in self._poller.poll(self._timeout_ms()):
-            if fd == inbox.fileno():
-                self._on_signals(inbox.drain())
+            if fd == self._inbox.fileno():
+                self._on_signals(self._inbox.drain())
             elif fd in self._streams:
                 self._pump(self._streams[fd])
             elif self._waker is not None and fd == self._waker.fileno():
@@ -168,14 +230,24 @@ class Supervisor:
         for source in self.sources:
             if source.next_due is not None and source.next_due <= now:
                 self._observe_all(source.tick(now))
+        if not self._stop_requested:
+            self._call_hooks("on_deadline", lambda: self.runner.on_deadlines(self.session, self.coord, now))
+            if self._hook_error is not None:
+                self._request_stop("hook_error", EXIT_HOOK_FAILED)
+            elif self.coord.should_stop():
+                self._request_stop(self.coord.reason, self.coord.exit_code, message=self.coord.message)
         if self._checkpoint_wait is not None and now >= self._checkpoint_wait:
             self.console.info(f"no complete checkpoint at or past step {self.report.target_step} "
                               f"within {self.grace_period:g}s; stopping anyway")
             self._send_stop()
+        if self._foreground is not None and self.tree.poll_stopped():
+            self._foreground.suspend(self.tree)  # Ctrl-Z: returns once we are continued
         if not self._exited and self.tree.poll_exit() is not None:
             self._on_command_exit()
         if self._stopping or self._exited:
             self._check_tree()
+        if self.progress is not None and (self.progress.next_due() or now + 1) <= now:
+            self.progress.tick(now, self.console)
         self._flush_messages()
 
     def _timeout_ms(self) -> Optional[float]:
@@ -186,6 +258,12 @@ class Supervisor:
             wakes.append(self._deadline)
         if self._checkpoint_wait is not None:
             wakes.append(self._checkpoint_wait)
+        if not self._stop_requested:
+            hook_deadline = self.runner.next_deadline()
+            if hook_deadline is not None:
+                wakes.append(hook_deadline)
+        if self.progress is not None and self.progress.next_due() is not None:
+            wakes.append(self.progress.next_due())
         if not wakes:
             return None
         return max(0.0, min(wakes) - time.monotonic()) * 1000.0
@@ -194,6 +272,10 @@ class Supervisor:
 
     def _add_stream(self, name: str, in_fd: int, out_fd: int) -> None:
         stream = _Stream(name, in_fd, out_fd, LineScanner(self.formats, name))
+        if self.progress is not None and self.progress.status_line:
+            from .terminal import is_terminal
+
+            stream.to_terminal = is_terminal(out_fd)
         self._streams[in_fd] = stream
         self._poller.register(in_fd, select.POLLIN)
 
@@ -203,14 +285,18 @@ class Supervisor:
             n = os.readv(stream.in_fd, [self._buf])
         except BlockingIOError:
             return 0
-        except OSError:
+        except OSError:  # EIO: a pseudo-terminal whose last writer is gone
             n = 0
         if n == 0:
             self._close(stream)
             return 0
         self._observe_all(stream.scanner.feed(self._buf, n))
         if stream.out_fd >= 0:
+            if stream.to_terminal:
+                self.progress.before_output()
             self._write_out(stream, n)
+            if stream.to_terminal:
+                self.progress.after_output(self._buf[n - 1])
         self._flush_messages()
         return n
 
@@ -226,7 +312,7 @@ class Supervisor:
             except BrokenPipeError:
                 # Whoever read our output is gone. Close the command's end too,
                 # so it sees what it would have seen without stopstep.
-                self.console.debug(f"{stream.name} closed by its reader; closing the command's {stream.name}")
+                self.console.info(f"{stream.name} was closed by its reader; closing the command's {stream.name} too")
                 stream.out_fd = -1
                 self._close(stream)
                 return
@@ -252,7 +338,8 @@ class Supervisor:
     # -- other sources ----------------------------------------------------------
 
     def _resume_point(self) -> None:
-        """The latest complete checkpoint at launch is where the run starts."""
+        """The latest complete checkpoint now is where the (re)started command resumes."""
+        resumed = None
         for source in self.sources:
             scan = getattr(source, "scan", None)
             found = scan() if scan else None
@@ -260,11 +347,17 @@ class Supervisor:
                 continue
             self.console.debug(f"{source.name}: latest complete checkpoint is step {found.step}")
             self._note_checkpoint(found)
-            if self.session.start_step is None or found.step > self.session.start_step:
-                self.session.start_step = self.session.global_step = found.step
-                self.report.start_step = self._global_step = found.step
-        if self.report.start_step is not None:
-            self.console.info(f"resuming from step {self.report.start_step} (latest complete checkpoint)")
+            resumed = found.step if resumed is None else max(resumed, found.step)
+        if resumed is not None and (self.session.start_step is None or resumed > self.session.start_step
+                                    or self.report.restarts):
+            self.session.start_step = self.session.global_step = resumed
+            self._global_step = resumed
+            if not self.report.restarts:
+                self.report.start_step = resumed
+            self.console.info(f"resuming from step {resumed} (latest complete checkpoint)")
+        elif self.report.restarts:
+            self.session.start_step = self.session.global_step = None  # a fresh start, as far as we can tell
+            self._global_step = None
 
     def _start_sources(self) -> None:
         if not self.sources:
@@ -326,7 +419,8 @@ class Supervisor:
             return
         self._global_step = obs.step
         self._last_seen_at = obs.time
-        report.last_step_seen = obs.step
+        if report.last_step_seen is None or obs.step > report.last_step_seen or self.report.restarts:
+            report.last_step_seen = obs.step
         if self._stop_requested:
             return
         session = self.session
@@ -335,6 +429,8 @@ class Supervisor:
         values = {"global_step": obs.step}
         values.update(obs.fields)
         report.observations += 1
+        if self.progress is not None:
+            self.progress.update(obs.step, report.target_step, obs.time)
         ctx = None
 
         def run_hooks():
@@ -345,9 +441,9 @@ class Supervisor:
         if self._hook_error is not None:
             self._request_stop("hook_error", EXIT_HOOK_FAILED)
         elif ctx.stop_requested:
-            self._request_stop(ctx.stop_reason, ctx.stop_exit_code, obs)
+            self._request_stop(ctx.stop_reason, ctx.stop_exit_code, obs, ctx.stop_message)
         elif self.coord.should_stop():
-            self._request_stop(self.coord.reason, self.coord.exit_code, obs)
+            self._request_stop(self.coord.reason, self.coord.exit_code, obs, self.coord.message)
 
     def _call_hooks(self, what: str, call) -> None:
         try:
@@ -355,7 +451,8 @@ class Supervisor:
         except Exception as exc:  # a user hook: report it, then bring the tree down
             self._hook_error = exc
             self.console.error(f"a hook raised in {what}: {type(exc).__name__}: {exc}")
-            self.console.error("".join(traceback.format_exception(exc)).rstrip().replace("\n", "\n    "))
+            self.console.error("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                               .rstrip().replace("\n", "\n    "))
 
     def _flush_messages(self) -> None:
         while self._pending:
@@ -363,7 +460,8 @@ class Supervisor:
 
     # -- stopping ---------------------------------------------------------------
 
-    def _request_stop(self, reason: str, exit_code: int, obs: Optional[Observation] = None) -> None:
+    def _request_stop(self, reason: str, exit_code: int, obs: Optional[Observation] = None,
+                      message: Optional[str] = None) -> None:
         """A hook asked to stop: send the stop signal now (or once the checkpoint is whole)."""
         if self._stop_requested:
             return
@@ -383,15 +481,13 @@ class Supervisor:
             )
             return
         self._send_stop()
+        sent = f"sent {self.stop_signal.name} to the command's process group"
         if reason != reasons.TARGET_REACHED or obs is None:
-            self._pending.append(f"stopping: {reason}; sent {self.stop_signal.name} to the command's process group")
+            self._pending.append(f"{message or 'stopping: ' + reason}; {sent}")
         elif self.report.observations == 1 and target is not None and obs.step > target:
             self._pending.append(f"first step seen ({obs.step}) is already past the target ({target}); stopping")
         else:
-            self._pending.append(
-                f"step {obs.step} reached (target {target}); sent {self.stop_signal.name} "
-                f"to the command's process group"
-            )
+            self._pending.append(f"step {obs.step} reached (target {target}); {sent}")
 
     def _send_stop(self) -> None:
         """The stop signal to the group, now; everything else comes after."""
@@ -412,8 +508,11 @@ class Supervisor:
     def _on_signals(self, received: List[int]) -> None:
         for signum in received:
             if signum == signal.SIGCHLD:
-                continue  # the loop checks the command after every wake-up
+                self.tree.reap_orphans()  # no zombie piles up under a subreaper or PID 1
+                continue
             name = signal.Signals(signum).name
+            if signum == signal.SIGWINCH and self._streams:
+                self._resize_ptys()
             self.tree.signal_group(signum)
             if signum not in TERMINATING_SIGNALS:
                 self.console.debug(f"passed {name} on to the command")
@@ -430,12 +529,19 @@ class Supervisor:
             self._stop_exit_code = 128 + signum
             self.console.info(f"received {name}; passed it on and waiting up to {self.grace_period:g}s for the command")
 
+    def _resize_ptys(self) -> None:
+        from .terminal import copy_window_size, is_terminal
+
+        for stream in self._streams.values():
+            if stream.out_fd >= 0 and is_terminal(stream.in_fd):
+                copy_window_size(stream.out_fd, stream.in_fd)
+
     def _on_command_exit(self) -> None:
         # Output written before the exit is already in the pipes: read it first,
         # so a last step line counts before the exit does.
         self._drain()
         self._exited = True
-        self._checkpoint_wait = None
+        self._checkpoint_wait = None if self._stopping else self._checkpoint_wait
         self.report.child_returncode = self.tree.returncode
         if not self._stopping:
             self.console.debug(f"command exited with status {status_to_exit_code(self.tree.returncode)}")
@@ -467,13 +573,66 @@ class Supervisor:
         self._tree_check_interval = min(self._tree_check_interval * 2, TREE_CHECK_MAX)
         self._next_tree_check = now + self._tree_check_interval
 
+    # -- the end of an attempt, restarts ------------------------------------------
+
+    def _end_attempt(self) -> None:
+        self._drain()
+        for stream in list(self._streams.values()):
+            self._close(stream)
+        self.tree.reap()
+        returncode = self.tree.returncode
+        self.report.child_returncode = returncode
+        self.report.attempts.append({
+            "pid": self.tree.pid,
+            "start_step": self.session.start_step,
+            "last_step_seen": self._global_step,
+            "child_returncode": returncode,
+            "exit_status": status_to_exit_code(returncode) if returncode is not None else None,
+            "duration_s": round(time.monotonic() - self._attempt_started, 3),
+        })
+
+    def _restart(self) -> bool:
+        """Start the command again after a crash before the target, if restarts are left."""
+        returncode = self.tree.returncode
+        if (self._stop_requested or returncode in (None, 0) or self._hook_error is not None
+                or self.report.restarts >= self.max_restarts):
+            return False
+        status = status_to_exit_code(returncode)
+        self.report.restarts += 1
+        seen = "none" if self._global_step is None else self._global_step
+        self.console.info(f"command exited with status {status} at step {seen}; restarting"
+                          f"{f' in {self.restart_delay:g}s' if self.restart_delay else ''} "
+                          f"(restart {self.report.restarts} of {self.max_restarts})")
+        if not self._wait_before_restart():
+            return False
+        self._new_attempt(self._global_step)
+        return True
+
+    def _wait_before_restart(self) -> bool:
+        """Sleep the restart delay, still answering signals; False if one ends the run."""
+        until = time.monotonic() + self.restart_delay
+        while True:
+            left = until - time.monotonic()
+            if left <= 0:
+                return True
+            for fd, _events in self._poller.poll(left * 1000.0):
+                if fd == self._inbox.fileno():
+                    for signum in self._inbox.drain():
+                        if signum in TERMINATING_SIGNALS:
+                            self._stop_requested = True
+                            self.report.reason = reasons.SIGNAL
+                            self.report.received_signal = signal.Signals(signum).name
+                            self._stop_exit_code = 128 + signum
+                            return False
+                elif self._waker is not None and fd == self._waker.fileno():
+                    self._waker.clear()
+                    self._watcher.changed()
+
     # -- the end ----------------------------------------------------------------
 
     def _finish(self) -> None:
-        self._drain()
         for source in self.sources:  # the last lines, the final checkpoint
             self._observe_all(source.refresh(()))
-        self.tree.reap()
         report = self.report
         report.duration_s = round(time.monotonic() - self._started, 6)
         if (
@@ -489,15 +648,16 @@ class Supervisor:
         returncode = self.tree.returncode
         status = status_to_exit_code(returncode) if returncode is not None else None
         if self._stop_requested:
-            if report.killed and report.reason != reasons.SIGNAL:
+            report.exit_code = self._stop_exit_code
+            if report.killed and report.exit_code == 0:
                 report.exit_code = EXIT_KILLED
-            else:
-                report.exit_code = self._stop_exit_code
         else:
             report.reason = reasons.PROCESS_EXITED
             report.exit_code = status if status is not None else 125
             if status == 0 and self.require_target and not self._target_reached():
                 report.exit_code = EXIT_TARGET_NOT_REACHED
+        if self.progress is not None:
+            self.progress.clear()
         self._say_why(status)
         if self._hook_error is None and (
             (self._stop_requested and report.reason != reasons.SIGNAL) or (not self._stop_requested and status == 0)
@@ -527,7 +687,8 @@ class Supervisor:
         checkpoint = ""
         if report.last_checkpoint_step is not None:
             checkpoint = f"; last complete checkpoint: step {report.last_checkpoint_step}"
+        rate = f"; {report.steps_per_s:g} steps/s" if report.steps_per_s else ""
         self.console.info(
-            f"stopped: {report.reason}; last step seen {seen}{checkpoint}; the command {how} "
+            f"stopped: {report.reason}; last step seen {seen}{checkpoint}{rate}; the command {how} "
             f"(status {status}) after {report.duration_s:.2f}s; exit {report.exit_code}"
         )
