@@ -106,6 +106,7 @@ class StepFormat:
     description: str = ""
     context: Optional[ContextRule] = None
     flags: int = 0
+    live: bool = False  # also read the line still being drawn (a progress bar redrawn with \r)
 
     @cached_property
     def regex(self) -> re.Pattern:
@@ -120,11 +121,12 @@ class StepFormat:
         }
 
 
-def _fmt(name, regex, anchors, sample, description, to_step=_plain_step, context=None, flags=0):
+def _fmt(name, regex, anchors, sample, description, to_step=_plain_step, context=None, flags=0, live=False):
     return StepFormat(
         name=name,
         source=regex,
         flags=flags,
+        live=live,
         anchors=tuple(a.encode() for a in anchors),
         to_step=to_step,
         sample=sample,
@@ -157,6 +159,7 @@ PRESETS: Dict[str, StepFormat] = {
             " 10%|█         | 100/1000 [00:25<03:45,  4.00it/s]",
             "Hugging Face Trainer tqdm bar on stderr; locks onto the first bar's total",
             _locked_total,
+            live=True,
         ),
         _fmt(
             "tf",

@@ -6,10 +6,13 @@ lines): it looks for the formats' literal anchors from the end of the read
 backwards, and runs a regex only on the line around an anchor. The latest step
 of a read wins; earlier step lines of the same read are counted as coalesced.
 
-Lines end at ``\\n`` or ``\\r``. A line still being written (no terminator yet)
-is read too, so a tqdm bar is seen when it is drawn, not when the next one
-replaces it; a match that ends exactly where the bytes end is left for later,
-since its number may still be growing ("step 1" of "step 12").
+Lines end at ``\\n`` or ``\\r``. Progress-bar formats (``StepFormat.live``)
+also read the line still being drawn, so a tqdm bar is seen when it is drawn,
+not when the next one replaces it; a match with a number ending exactly where
+the bytes end is left for later, since it may still be growing ("step 1" of
+"step 12"). Other formats wait for the line's end: ``print`` without a buffer
+writes the text and its newline separately, and a line cut between them would
+lose its trailing fields.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ class LineScanner:
             tuple(dict.fromkeys(anchors)) if all(f.anchors for f in self.formats) else None
         )
         self.contexts = tuple((f, f.context) for f in self.formats if f.context)
+        # Formats read from a line still being drawn (progress bars); the others
+        # wait for the line's end, so its fields (a NaN loss) are never cut off.
+        self.live_formats = tuple(f for f in self.formats if f.live)
         self.states: Dict[str, dict] = {f.name: {} for f in self.formats}
         self.carry = bytearray()  # the unfinished line so far (first max_line bytes)
         self.carry_step: Optional[int] = None  # step already taken from it
@@ -58,7 +64,7 @@ class LineScanner:
     # -- public -----------------------------------------------------------
 
     def feed(self, buf, n: int) -> List[Observation]:
-        """Scan ``buf[:n]``; return the new observations, oldest first (usually 0 or 1)."""
+        """Scan ``buf[:n]``; the latest new observation in it, as a list of 0 or 1."""
         out: List[Observation] = []
         start = 0
         if self.carry:
@@ -84,6 +90,10 @@ class LineScanner:
                 self._apply_context(bytes(buf[line_start:line_end]))
                 start = line_end + 1
         self._scan_region(buf, start, n, out, open_end=True)
+        if len(out) > 1:  # the latest wins (context lines already applied in order)
+            last = out[-1]
+            last.coalesced += sum(obs.coalesced + 1 for obs in out[:-1])
+            out = [last]
         return out
 
     # -- regions ----------------------------------------------------------
@@ -148,21 +158,21 @@ class LineScanner:
         if self.anchors is not None and not any(anchor in raw for anchor in self.anchors):
             return None
         text = clean_line(raw)
-        for fmt in self.formats:
+        for fmt in self.live_formats if partial else self.formats:
             match = fmt.regex.search(text)
             if match is None:
                 continue
             fields = fmt.fields(match)
-            if partial:
-                if _ends_at(match, _COUNTING_GROUPS, len(text)):
-                    return None  # the step (or total) may still be growing: "step 1" of "step 12"
-                fields = {k: v for k, v in fields.items() if match.end(k) < len(text)}
+            if partial and _ends_at(match, match.re.groupindex, len(text)):
+                return None  # a number may still be growing: "step 1" of "step 12", "loss 0.5" of "0.53"
             step = fmt.to_step(match, self.states[fmt.name])
             if step is not None:
                 return Observation(step, fields, self.source, 0, text.strip(), time.monotonic())
         return None
 
     def _match_partial(self, raw: bytes) -> Optional[Observation]:
+        if not self.live_formats:
+            return None
         obs = self._match(raw, partial=True)
         if obs is None or obs.step == self.carry_step:
             return None
@@ -206,13 +216,9 @@ class LineScanner:
                 rule.apply(match, self.states[fmt.name])
 
 
-_COUNTING_GROUPS = ("step", "step2", "total")
-
-
 def _ends_at(match, names, end: int) -> bool:
-    """Does a group that counts steps end exactly at ``end``?"""
-    groups = match.re.groupindex
-    present = [name for name in names if name in groups] or ([1] if match.re.groups else [])
+    """Does one of the named groups (or the only group) end exactly at ``end``?"""
+    present = list(names) or ([1] if match.re.groups else [])
     return any(match.end(name) == end for name in present if match.start(name) >= 0)
 
 

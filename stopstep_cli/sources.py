@@ -185,23 +185,31 @@ class LogFileSource(_Watched):
         self.formats = tuple(formats)
         self.from_start = from_start
         self._fd: Optional[int] = None
+        self._opened = False
         self._identity = None
         self._offset = 0
         self._scanner = LineScanner(self.formats, self.name)
         self._buf = bytearray(1 << 20)
 
-    def start(self, watcher: Optional[FileWatcher]) -> List[Observation]:
-        """Open the file as it is at launch; begin watching its directory."""
-        self._watcher = watcher
+    def scan(self) -> None:
+        """Before the launch: open the file as it is, so that what the command
+        writes from its first instant on counts, and what was there does not."""
+        if self._opened:
+            return  # a restart: go on reading where we are
+        self._opened = True
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            fd = None  # not there yet: everything it will hold is written after launch
-        if fd is not None:
-            st = os.fstat(fd)
-            self._fd, self._identity = fd, (st.st_dev, st.st_ino)
-            self._offset = 0 if self.from_start else st.st_size
-            os.lseek(fd, self._offset, os.SEEK_SET)
+            return  # not there yet: everything it will hold is written after launch
+        st = os.fstat(fd)
+        self._fd, self._identity = fd, (st.st_dev, st.st_ino)
+        self._offset = 0 if self.from_start else st.st_size
+        os.lseek(fd, self._offset, os.SEEK_SET)
+
+    def start(self, watcher: Optional[FileWatcher]) -> List[Observation]:
+        """After the launch: watch the file's directory and read what is new."""
+        self.scan()
+        self._watcher = watcher
         self._rewatch()
         return self.refresh(())
 

@@ -341,8 +341,7 @@ class Supervisor:
         """The latest complete checkpoint now is where the (re)started command resumes."""
         resumed = None
         for source in self.sources:
-            scan = getattr(source, "scan", None)
-            found = scan() if scan else None
+            found = source.scan()  # a log file is opened here, before the command can write to it
             if found is None:
                 continue
             self.console.debug(f"{source.name}: latest complete checkpoint is step {found.step}")
