@@ -84,9 +84,10 @@ def status_to_exit_code(returncode: int) -> int:
 
 def _libc():
     import ctypes
-    import ctypes.util
 
-    return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    # dlopen(NULL): the process's own symbols, libc's prctl among them.
+    # (ctypes.util.find_library would run ldconfig and gcc: slow, and forks.)
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def become_subreaper() -> bool:

@@ -44,6 +44,13 @@ TREE_CHECK_FIRST = 0.005
 TREE_CHECK_MAX = 0.1
 
 
+def _describe(proc) -> str:
+    try:
+        return f"{proc.pid} ({proc.name()}, {proc.status()})"
+    except Exception:
+        return str(proc.pid)
+
+
 class HookFailed(StopstepError):
     exit_code = EXIT_HOOK_FAILED
 
@@ -566,6 +573,7 @@ class Supervisor:
             if self._deadline is None:
                 self._deadline = now + self.grace_period
         if self._deadline is not None and now >= self._deadline and alive and not self.report.killed:
+            self.console.debug("still alive: " + ", ".join(_describe(proc) for proc in alive))
             count = self.tree.kill_all()
             self.report.killed = True
             self.console.info(f"grace period of {self.grace_period:g}s over; killed {count} process(es) with SIGKILL")
