@@ -5,8 +5,9 @@ The public API, stable across minor versions::
 
     from stopstep_cli import (
         SessionRunHook, SessionRunArgs, SessionRunContext, SessionRunValues,
-        StopAtStepHook, TrainingSession, Coordinator,
-        Supervisor, RunReport, Observation, StepFormat, PRESETS,
+        StopAtStepHook, StallHook, TimeLimitHook, NanLossHook,
+        TrainingSession, Coordinator, Supervisor, RunReport, Observation,
+        StepFormat, PRESETS, LogFileSource, CheckpointSource,
     )
 """
 
@@ -24,19 +25,29 @@ from .hooks import (  # noqa: E402
 from .patterns import DEFAULT_FORMAT, PRESETS, StepFormat, compile_user_pattern  # noqa: E402
 from .report import RunReport  # noqa: E402
 from .scanner import Observation  # noqa: E402
+from .standard_hooks import NanLossHook, StallHook, TimeLimitHook  # noqa: E402
 
 
 def __getattr__(name):
-    # The supervisor pulls in the process layer; load it only when asked for.
+    # The supervisor and the file sources pull in more; load them only when asked for.
     if name == "Supervisor":
         from .supervisor import Supervisor
 
         return Supervisor
+    if name in ("CheckpointSource", "LogFileSource"):
+        from . import sources
+
+        return getattr(sources, name)
     raise AttributeError(name)
 
 
 __all__ = [
+    "CheckpointSource",
     "Coordinator",
+    "LogFileSource",
+    "NanLossHook",
+    "StallHook",
+    "TimeLimitHook",
     "DEFAULT_FORMAT",
     "Observation",
     "PRESETS",
