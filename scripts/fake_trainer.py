@@ -20,6 +20,7 @@ import time
 
 STOP = []  # the signals that asked us to stop
 ARGS = None
+STEP = [0]  # the last step completed, for the stamp of a signal
 
 
 def parse_args(argv=None):
@@ -49,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--pidfile", help="append the pid of every process started here to this file")
     p.add_argument("--stampfile", help="append 'wrote STEP T' and 'signal N T' lines (CLOCK_MONOTONIC)")
     p.add_argument("--stamp-step", type=int, default=None, help="only stamp the write of this step")
+    p.add_argument("--stamp-saves", action="store_true", help="stamp finished checkpoints instead of lines")
     p.add_argument("--checkpoint-dir", help="save a checkpoint every --save-every steps here")
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--layout", default="hf",
@@ -57,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--save-seconds", type=float, default=0.0, help="how long writing one checkpoint takes")
     p.add_argument("--save-at-stop", action="store_true", help="save a checkpoint on a graceful stop")
     p.add_argument("--log-file", help="write step lines to this file (not to stdout)")
+    p.add_argument("--agent", type=int, default=0,
+                   help="be a torchrun-like agent: start N workers (each in its own session), pass signals on")
+    p.add_argument("--rank", type=int, default=0, help="worker rank; only rank 0 prints and stamps")
     p.add_argument("--rotate-every", type=int, default=0, help="rotate --log-file every N lines")
     return p.parse_args(argv)
 
@@ -126,7 +131,7 @@ def double_fork(args):
 
 def on_stop(signum, frame):
     if not STOP:
-        stamp(ARGS, f"signal {signum}")
+        stamp(ARGS, f"signal {signum} at {STEP[0]}")
     STOP.append(signum)
 
 
@@ -233,10 +238,35 @@ class RotatingLog:
         self.lines += 1
 
 
+def run_agent(args, argv):
+    """Like torchrun's elastic agent: workers in their own sessions, signals passed on, the worst status out."""
+    import subprocess
+
+    rest = list(argv)
+    i = rest.index("--agent")
+    del rest[i:i + 2]
+    workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *rest, "--rank", str(rank)],
+                                start_new_session=True) for rank in range(args.agent)]
+
+    def forward(signum, frame):
+        for proc in workers:
+            proc.send_signal(signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    codes = [proc.wait() for proc in workers]
+    return max((128 - c if c < 0 else c) for c in codes)
+
+
 def main(argv=None):
     global ARGS
+    argv = sys.argv[1:] if argv is None else argv
     args = ARGS = parse_args(argv)
     note_pid(args)
+    if args.agent:
+        return run_agent(args, argv)
+    if args.rank:  # other ranks train in step but print nothing
+        args.format, args.stampfile = "", None
     for name in filter(None, args.ignore.split(",")):
         signal.signal(getattr(signal, "SIG" + name.upper().removeprefix("SIG")), signal.SIG_IGN)
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -269,6 +299,7 @@ def main(argv=None):
             if STOP:
                 break
         step += 1
+        STEP[0] = step
         if args.crash_at is not None and step >= args.crash_at:
             print(f"crashing at step {step}", file=sys.stderr, flush=True)
             sys.exit(args.crash_code)
@@ -276,15 +307,17 @@ def main(argv=None):
             out.write("INFO data loader queue 12 items, lr 0.0003, tokens/s 12345\n")
         if step % args.every == 0:
             line = args.format.format(step=step, loss=1.0 / step, total=args.steps)
-            if args.stamp_step is None or step == args.stamp_step:
+            if not args.stamp_saves and (args.stamp_step is None or step == args.stamp_step):
                 stamp(args, f"wrote {step}")
             if log is not None:
                 log.write(line)
-            else:
+            elif line:
                 out.write(line + end)
                 out.flush()
         if args.checkpoint_dir and args.save_every and step % args.save_every == 0:
             save_checkpoint(args, step)
+            if args.stamp_saves and (args.stamp_step is None or step == args.stamp_step):
+                stamp(args, f"wrote {step}")  # the checkpoint is complete now
             next_at = time.monotonic()  # training resumes after the save, it does not catch up
     if STOP:
         print(f"trainer: received signal {STOP[0]} at step {step}; shutting down", file=sys.stderr, flush=True)

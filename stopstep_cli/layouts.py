@@ -10,12 +10,9 @@ order (``../shared/reference/frameworks.md``).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct
-from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 # -- file checks ------------------------------------------------------------------
@@ -68,6 +65,8 @@ def _zip64_is_whole(tail: bytes, eocd_pos: int, tail_start: int) -> bool:
 
 def safetensors_is_whole(path: str) -> bool:
     """8 + header length + the largest data offset == file size."""
+    import json
+
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
@@ -114,39 +113,47 @@ def _files_whole(directory: str, names: Iterable[str]) -> bool:
 # -- layouts ----------------------------------------------------------------------
 
 
-@dataclass
 class Layout:
     """How one framework lays out checkpoints in a directory.
 
     ``entry`` matches an entry name directly in the directory (a file or a
     directory) and gives its ``step``; ``ignore`` names entries that are never
     checkpoints (temporary ones); ``markers`` identify the layout for
-    ``--layout auto``; ``complete(root, name, step)`` says whether that
+    ``--layout auto``; ``complete(layout, root, name, step)`` says whether that
     checkpoint is finished. ``counts`` is "steps", or what else the number
-    counts.
+    counts. ``state`` is the little a check remembers between looks.
     """
 
-    name: str
-    entry: str
-    complete: Callable[["Layout", str, str, int], bool]
-    markers: str = ""
-    ignore: str = r"^$"
-    counts: str = "steps"
-    description: str = ""
-    example: str = ""
-    state: Dict[str, object] = field(default_factory=dict, compare=False)
+    def __init__(self, name: str, entry: str, complete: Callable[["Layout", str, str, int], bool],
+                 markers: str = "", ignore: str = r"^$", counts: str = "steps", description: str = "",
+                 example: str = ""):
+        self.name, self.complete = name, complete
+        self.markers, self.ignore, self.counts = markers, ignore, counts
+        self.description, self.example = description, example
+        self.state: Dict[str, object] = {}
+        self.entry = entry
 
-    @cached_property
+    @property
+    def entry(self) -> str:
+        return self._entry
+
+    @entry.setter
+    def entry(self, regex: str) -> None:
+        self._entry, self._entry_re = regex, None
+
+    @property
     def entry_re(self) -> re.Pattern:
-        return re.compile(self.entry)
+        if self._entry_re is None:
+            self._entry_re = re.compile(self._entry)
+        return self._entry_re
 
-    @cached_property
+    @property
     def ignore_re(self) -> re.Pattern:
-        return re.compile(self.ignore)
+        return re.compile(self.ignore)  # re caches compiled patterns
 
-    @cached_property
+    @property
     def markers_re(self) -> re.Pattern:
-        return re.compile(self.markers or self.entry)
+        return re.compile(self.markers or self._entry)
 
     def step_of(self, name: str) -> Optional[int]:
         """The step an entry name stands for, None if it is not a checkpoint."""
@@ -169,8 +176,9 @@ class Layout:
         except OSError:  # deleted or replaced while we looked: not finished
             return False
 
-
 def _hf_complete(layout, root, name, step) -> bool:
+    import json
+
     try:
         with open(os.path.join(root, name, "trainer_state.json"), "rb") as fh:
             state = json.load(fh)
@@ -402,8 +410,17 @@ def _layouts() -> Dict[str, Layout]:
     }
 
 
-_PROTOTYPES = _layouts()  # read-only: for names and detection; runs get their own via make_layout
-LAYOUT_NAMES = tuple(_PROTOTYPES)
+#: In detection order (as _layouts() builds them); kept literal so that the CLI
+#: can list them without building any.
+LAYOUT_NAMES = ("hf", "lightning", "tf", "deepspeed", "megatron", "torchtitan", "mmengine", "composer",
+                "fairseq", "orbax", "generic")
+_PROTOTYPES: Dict[str, Layout] = {}  # read-only: for detection; runs get their own via make_layout
+
+
+def _prototypes() -> Dict[str, Layout]:
+    if not _PROTOTYPES:
+        _PROTOTYPES.update(_layouts())
+    return _PROTOTYPES
 
 
 def make_layout(name: str, pattern: Optional[str] = None) -> Layout:
@@ -421,7 +438,7 @@ def make_layout(name: str, pattern: Optional[str] = None) -> Layout:
 
 def detect_layout(names: List[str]) -> Optional[Layout]:
     """The layout a directory's entries show, for ``--layout auto``; None if none yet."""
-    for name, layout in _PROTOTYPES.items():
+    for name, layout in _prototypes().items():
         if name != "generic" and layout.detect(names):
             return make_layout(name)
     return None

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
-from functools import cached_property
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 # ANSI escape sequences (CSI and two-byte ESC forms) and backspaces, removed
@@ -80,37 +78,46 @@ def _keras_epoch(match: re.Match, state: dict) -> None:
     state["epoch"] = int(match.group("epoch"))
 
 
-@dataclass(frozen=True)
 class ContextRule:
     """A line that carries no step but changes how later steps are counted
     (Keras' ``Epoch 3/10``)."""
 
-    source: str
-    anchors: Tuple[bytes, ...]
-    apply: Callable[[re.Match, dict], None]
+    def __init__(self, source: str, anchors: Tuple[bytes, ...], apply: Callable[[re.Match, dict], None]):
+        self.source, self.anchors, self.apply = source, anchors, apply
+        self._regex: Optional[re.Pattern] = None
 
-    @cached_property
+    @property
     def regex(self) -> re.Pattern:
-        return re.compile(self.source)
+        if self._regex is None:
+            self._regex = re.compile(self.source)
+        return self._regex
 
 
-@dataclass(frozen=True)
 class StepFormat:
-    """One way a global step shows up in a line of output."""
+    """One way a global step shows up in a line of output.
 
-    name: str
-    source: str  # the regex, compiled on first use: a run pays only for the formats it reads
-    anchors: Tuple[bytes, ...]  # empty: every line is a candidate
-    to_step: Callable[[re.Match, dict], Optional[int]] = _plain_step
-    sample: str = ""
-    description: str = ""
-    context: Optional[ContextRule] = None
-    flags: int = 0
-    live: bool = False  # also read the line still being drawn (a progress bar redrawn with \r)
+    ``source`` is the regex (compiled on first use: a run pays only for the
+    formats it reads); ``anchors`` are literals every matching line contains
+    (empty: every line is a candidate); ``to_step(match, state)`` gives the
+    step; ``live`` formats are also read while their line is still being
+    drawn (progress bars); ``context`` is a line that changes later steps.
+    """
 
-    @cached_property
+    def __init__(self, name: str, source: str, anchors: Tuple[bytes, ...],
+                 to_step: Callable[[re.Match, dict], Optional[int]] = None, sample: str = "",
+                 description: str = "", context: Optional[ContextRule] = None, flags: int = 0,
+                 live: bool = False):
+        self.name, self.source, self.anchors = name, source, tuple(anchors)
+        self.to_step = to_step or _plain_step
+        self.sample, self.description, self.context = sample, description, context
+        self.flags, self.live = flags, live
+        self._regex: Optional[re.Pattern] = None
+
+    @property
     def regex(self) -> re.Pattern:
-        return re.compile(self.source, self.flags)
+        if self._regex is None:
+            self._regex = re.compile(self.source, self.flags)
+        return self._regex
 
     def fields(self, match: re.Match) -> Fields:
         """Named groups other than the step, numbers where they parse."""
@@ -119,6 +126,9 @@ class StepFormat:
             for name, value in match.groupdict().items()
             if not name.startswith("step") and name != "total" and value is not None
         }
+
+    def __repr__(self) -> str:
+        return f"StepFormat({self.name!r}, {self.source!r})"
 
 
 def _fmt(name, regex, anchors, sample, description, to_step=_plain_step, context=None, flags=0, live=False):

@@ -18,7 +18,6 @@ lose its trailing fields.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .patterns import StepFormat, clean_line
@@ -27,16 +26,27 @@ from .patterns import StepFormat, clean_line
 MAX_LINE = 64 * 1024
 
 
-@dataclass
 class Observation:
-    """One sighting of the global step, from any source."""
+    """One sighting of the global step, from any source.
 
-    step: int
-    fields: Dict[str, object] = field(default_factory=dict)
-    source: str = ""
-    coalesced: int = 0  # step lines of the same read passed over for this one
-    line: str = ""
-    time: float = 0.0  # time.monotonic() when it was seen
+    ``fields`` holds the pattern's other named groups (``loss``) or, for a
+    checkpoint, ``checkpoint_step`` and ``checkpoint_path``; ``coalesced``
+    counts the step lines of the same read passed over for this one.
+    """
+
+    __slots__ = ("step", "fields", "source", "coalesced", "line", "time")
+
+    def __init__(self, step: int, fields: Optional[Dict[str, object]] = None, source: str = "",
+                 coalesced: int = 0, line: str = "", time: float = 0.0):
+        self.step = step
+        self.fields = {} if fields is None else fields
+        self.source = source
+        self.coalesced = coalesced
+        self.line = line
+        self.time = time  # time.monotonic() when it was seen
+
+    def __repr__(self) -> str:
+        return f"Observation(step={self.step}, fields={self.fields}, source={self.source!r})"
 
 
 class LineScanner:
@@ -59,6 +69,7 @@ class LineScanner:
         self.live_formats = tuple(f for f in self.formats if f.live)
         self.states: Dict[str, dict] = {f.name: {} for f in self.formats}
         self.carry = bytearray()  # the unfinished line so far (first max_line bytes)
+        self._hot = self.anchors[0] if self.anchors else b"\n"  # the anchor that found the last step
         self.carry_step: Optional[int] = None  # step already taken from it
 
     # -- public -----------------------------------------------------------
@@ -131,9 +142,18 @@ class LineScanner:
                 if hit < a:
                     break
             else:
-                hit = max(buf.rfind(anchor, a, pos) for anchor in anchors)
+                # The last hit of any anchor; each next anchor need only look past
+                # the best so far, and the one that hit last time goes first.
+                hit, hot = -1, None
+                for anchor in anchors:
+                    found = buf.rfind(anchor, max(a, hit + 1), pos)
+                    if found > hit:
+                        hit, hot = found, anchor
                 if hit < 0:
                     break
+                if hot is not anchors[0]:
+                    anchors = self.anchors = (hot,) + tuple(x for x in anchors if x is not hot)
+                self._hot = hot
             line_start = _rfind_terminator(buf, a, hit) + 1
             line_end = _find_terminator(buf, hit, b)
             if line_end < 0:
@@ -146,11 +166,13 @@ class LineScanner:
         return None, a
 
     def _count_candidates(self, buf, a: int, b: int) -> int:
+        """Step lines passed over in ``buf[a:b]``: those holding the anchor of the line that
+        won (one pass; a line of another kind is not counted)."""
         if a >= b:
             return 0
         if self.anchors is None:
             return buf.count(b"\n", a, b) + buf.count(b"\r", a, b)
-        return sum(buf.count(anchor, a, b) for anchor in self.anchors)
+        return buf.count(self._hot, a, b)
 
     # -- lines ------------------------------------------------------------
 

@@ -141,6 +141,9 @@ class Supervisor:
         self._checkpoint_wait: Optional[float] = None  # stop deferred for a checkpoint until then
         self._pending: List[str] = []  # messages held until the output is written
         self._hook_error: Optional[BaseException] = None
+        # hooks that want to be woken on a timer (stall, time limit), not only by steps
+        self._timed_hooks = [h for h in self.runner.hooks if type(h).deadline is not SessionRunHook.deadline]
+        self._next_timer = 0.0
         self._new_attempt(start_step)
 
     def _new_attempt(self, start_step: Optional[int]) -> None:
@@ -157,6 +160,8 @@ class Supervisor:
         self._tree_check_interval = TREE_CHECK_FIRST
         self._done = False
         self._attempt_started = time.monotonic()
+        self._child_changed = True  # look at the command at the first turn
+        self._next_child_check = 0.0
 
     # -- the run ------------------------------------------------------------
 
@@ -226,18 +231,37 @@ class Supervisor:
             self._request_stop(self.coord.reason, self.coord.exit_code, message=self.coord.message)
 
     def _turn(self) -> None:
+        """One wake-up of the loop. The common case, a line of output, costs a
+        poll, a read, a scan, the hooks and a write: the timers and the process
+        table are looked at only when they can have something to say."""
         for fd, _events in self._poller.poll(self._timeout_ms()):
-            if fd == self._inbox.fileno():
-                self._on_signals(self._inbox.drain())
-            elif fd in self._streams:
+            if fd in self._streams:
                 self._pump(self._streams[fd])
+            elif fd == self._inbox.fileno():
+                self._on_signals(self._inbox.drain())
             elif self._waker is not None and fd == self._waker.fileno():
                 self._on_file_events()
         now = time.monotonic()
+        if self._next_timer <= now:
+            self._on_timers(now)
+        if self._child_changed or now >= self._next_child_check:
+            # SIGCHLD came (or a slow safety look is due: a signal byte can be lost to a full pipe)
+            self._child_changed = False
+            self._next_child_check = now + 1.0
+            if self._foreground is not None and self.tree.poll_stopped():
+                self._foreground.suspend(self.tree)  # Ctrl-Z: returns once we are continued
+            if not self._exited and self.tree.poll_exit() is not None:
+                self._on_command_exit()
+        if self._stopping or self._exited:
+            self._check_tree()
+        if self._pending:
+            self._flush_messages()
+
+    def _on_timers(self, now: float) -> None:
         for source in self.sources:
             if source.next_due is not None and source.next_due <= now:
                 self._observe_all(source.tick(now))
-        if not self._stop_requested:
+        if self._timed_hooks and not self._stop_requested:
             self._call_hooks("on_deadline", lambda: self.runner.on_deadlines(self.session, self.coord, now))
             if self._hook_error is not None:
                 self._request_stop("hook_error", EXIT_HOOK_FAILED)
@@ -247,17 +271,11 @@ class Supervisor:
             self.console.info(f"no complete checkpoint at or past step {self.report.target_step} "
                               f"within {self.grace_period:g}s; stopping anyway")
             self._send_stop()
-        if self._foreground is not None and self.tree.poll_stopped():
-            self._foreground.suspend(self.tree)  # Ctrl-Z: returns once we are continued
-        if not self._exited and self.tree.poll_exit() is not None:
-            self._on_command_exit()
-        if self._stopping or self._exited:
-            self._check_tree()
         if self.progress is not None and (self.progress.next_due() or now + 1) <= now:
             self.progress.tick(now, self.console)
-        self._flush_messages()
 
     def _timeout_ms(self) -> Optional[float]:
+        """How long poll may sleep: until the next timer (sources, hooks, the grace period...)."""
         wakes = [source.next_due for source in self.sources if source.next_due is not None]
         if self._stopping or self._exited:
             wakes.append(self._next_tree_check)
@@ -265,15 +283,16 @@ class Supervisor:
             wakes.append(self._deadline)
         if self._checkpoint_wait is not None:
             wakes.append(self._checkpoint_wait)
-        if not self._stop_requested:
+        if self._timed_hooks and not self._stop_requested:
             hook_deadline = self.runner.next_deadline()
             if hook_deadline is not None:
                 wakes.append(hook_deadline)
         if self.progress is not None and self.progress.next_due() is not None:
             wakes.append(self.progress.next_due())
-        if not wakes:
-            return None
-        return max(0.0, min(wakes) - time.monotonic()) * 1000.0
+        if not self._exited:
+            wakes.append(self._next_child_check)
+        self._next_timer = min(wakes) if wakes else float("inf")
+        return min(max(0.0, self._next_timer - time.monotonic()), 3600.0) * 1000.0 if wakes else None
 
     # -- output ---------------------------------------------------------------
 
@@ -437,16 +456,13 @@ class Supervisor:
         report.observations += 1
         if self.progress is not None:
             self.progress.update(obs.step, report.target_step, obs.time)
-        ctx = None
-
-        def run_hooks():
-            nonlocal ctx
+        try:
             ctx = self.runner.run(session, values)
-
-        self._call_hooks("before_run/after_run", run_hooks)
-        if self._hook_error is not None:
+        except Exception as exc:  # a user hook: report it, then bring the tree down
+            self._hook_failed("before_run/after_run", exc)
             self._request_stop("hook_error", EXIT_HOOK_FAILED)
-        elif ctx.stop_requested:
+            return
+        if ctx.stop_requested:
             self._request_stop(ctx.stop_reason, ctx.stop_exit_code, obs, ctx.stop_message)
         elif self.coord.should_stop():
             self._request_stop(self.coord.reason, self.coord.exit_code, obs, self.coord.message)
@@ -455,10 +471,13 @@ class Supervisor:
         try:
             call()
         except Exception as exc:  # a user hook: report it, then bring the tree down
-            self._hook_error = exc
-            self.console.error(f"a hook raised in {what}: {type(exc).__name__}: {exc}")
-            self.console.error("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-                               .rstrip().replace("\n", "\n    "))
+            self._hook_failed(what, exc)
+
+    def _hook_failed(self, what: str, exc: Exception) -> None:
+        self._hook_error = exc
+        self.console.error(f"a hook raised in {what}: {type(exc).__name__}: {exc}")
+        self.console.error("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                           .rstrip().replace("\n", "\n    "))
 
     def _flush_messages(self) -> None:
         while self._pending:
@@ -514,6 +533,7 @@ class Supervisor:
     def _on_signals(self, received: List[int]) -> None:
         for signum in received:
             if signum == signal.SIGCHLD:
+                self._child_changed = True  # the loop looks at the command after this batch
                 self.tree.reap_orphans()  # no zombie piles up under a subreaper or PID 1
                 continue
             name = signal.Signals(signum).name

@@ -1,0 +1,467 @@
+#!/usr/bin/env python3
+"""stopstep's benchmarks: stop latency, overshoot, throughput, overhead, memory, scale.
+
+    python scripts/bench.py --quick     # under a minute
+    python scripts/bench.py             # the full run, under ten minutes
+
+Every figure is a median (or a percentile) over repeated runs on real
+processes; every comparison is a ratio taken in the same run, so that it holds
+on a noisy machine. The results are written to BENCHMARKS.md (``--out``).
+Plain Python plus the project's own dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE = ROOT / "scripts" / "fake_trainer.py"
+STOPSTEP = [sys.executable, "-m", "stopstep_cli"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+# Measure what users run: an install with its bytecode cached (some CI images set
+# PYTHONDONTWRITEBYTECODE, which makes every start compile every module again).
+for _name in ("STOPSTEP_LAST_STEP", "STOPSTEP_NUM_STEPS", "PYTHONDONTWRITEBYTECODE"):
+    ENV.pop(_name, None)
+
+
+def percentile(values, p):
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    k = (len(values) - 1) * p / 100.0
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def trainer(*args):
+    return [sys.executable, str(FAKE), *map(str, args)]
+
+
+def read_stamps(path: Path):
+    """(time the target was written, time the signal arrived, step at the signal)."""
+    wrote = arrived = step = None
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if parts[0] == "wrote" and wrote is None:
+            wrote = float(parts[-1])
+        elif parts[0] == "signal" and arrived is None:
+            arrived, step = float(parts[-1]), int(parts[3])
+    return wrote, arrived, step
+
+
+class PeakRSS:
+    """Samples a process's peak resident set size (VmHWM) until it exits."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak_kb = pid, 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        path = f"/proc/{self.pid}/status"
+        while True:
+            try:
+                with open(path) as fh:
+                    for line in fh:
+                        if line.startswith("VmHWM:"):
+                            self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+            except OSError:
+                return
+            time.sleep(0.01)
+
+    def mb(self) -> float:
+        self._thread.join(timeout=5)
+        return self.peak_kb / 1024.0
+
+
+# -- 1, 2, 6: stop latency and overshoot ------------------------------------------------------
+
+
+def stop_once(tmp: Path, source: str, rate: int, agent: int = 0):
+    """One run to a target; (latency ms, overshoot in steps, time to bring the tree down s)."""
+    stamps = tmp / "stamps"
+    stamps.unlink(missing_ok=True)
+    target = max(20, int(rate * 0.25))
+    common = ["--rate", rate, "--stampfile", stamps, "--stamp-step", target, "--steps", target + 100 * max(rate, 10)]
+    if agent:
+        common += ["--agent", agent, "--workers", 7]
+    args = ["run", "-q", "--last-step", target]
+    if source == "stdout":
+        command = trainer(*common)
+    elif source == "log-file":
+        log = tmp / "train.log"
+        log.unlink(missing_ok=True)
+        args += ["--log-file", log]
+        command = trainer(*common, "--log-file", log)
+    else:  # checkpoint, inotify or --poll 0.1
+        ckpt = tmp / "ckpt"
+        shutil.rmtree(ckpt, ignore_errors=True)
+        every = max(1, target // 4)
+        target = every * 4
+        args = ["run", "-q", "--last-step", target, "--checkpoint-dir", ckpt, "--layout", "lightning"]
+        if source == "checkpoint-poll":
+            args += ["--poll", "0.1"]
+        common[5] = target  # --stamp-step
+        command = trainer(*common, "--format", "", "--checkpoint-dir", ckpt, "--layout", "lightning",
+                          "--save-every", every, "--stamp-saves")
+    proc = subprocess.Popen(STOPSTEP + [str(a) for a in args] + ["--"] + command, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc.wait(timeout=120)
+    ended = time.clock_gettime(time.CLOCK_MONOTONIC)
+    wrote, arrived, step = read_stamps(stamps)
+    if wrote is None or arrived is None:
+        return None
+    return (arrived - wrote) * 1000.0, step - target, ended - arrived
+
+
+def shell_pipeline_once(tmp: Path, rate: int):
+    """The do-it-yourself way: a bash `while read` loop that matches the line and kills."""
+    stamps, pids = tmp / "stamps", tmp / "pids"
+    stamps.unlink(missing_ok=True)
+    pids.unlink(missing_ok=True)
+    target = max(20, int(rate * 0.25))
+    command = " ".join(trainer("--rate", rate, "--stampfile", stamps, "--stamp-step", target, "--pidfile", pids,
+                               "--steps", target + 100 * rate))
+    script = (f'{command} | while IFS= read -r line; do '
+              f'if [[ $line == "step {target} "* ]]; then kill -INT $(head -1 {pids}); fi; done')
+    subprocess.run(["bash", "-c", script], env=ENV, timeout=120, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wrote, arrived, step = read_stamps(stamps)
+    if wrote is None or arrived is None:
+        return None
+    return (arrived - wrote) * 1000.0, step - target, 0.0
+
+
+PLAIN_PUMP = """
+import os, signal, subprocess, sys
+target = sys.argv[1].encode()
+proc = subprocess.Popen(sys.argv[2:], stdout=subprocess.PIPE, process_group=0)
+while True:
+    data = os.read(proc.stdout.fileno(), 1 << 20)
+    if not data:
+        break
+    if target in data:
+        os.killpg(proc.pid, signal.SIGINT)
+    os.write(1, data)
+proc.wait()
+"""
+
+
+def plain_pump_once(tmp: Path, rate: int):
+    """The floor: a bare Python pump that reads, finds the line and signals, nothing else."""
+    stamps = tmp / "stamps"
+    stamps.unlink(missing_ok=True)
+    target = max(20, int(rate * 0.25))
+    command = trainer("--rate", rate, "--stampfile", stamps, "--stamp-step", target, "--steps", target + 100 * rate)
+    subprocess.run([sys.executable, "-c", PLAIN_PUMP, f"step {target} ", *command], env=ENV, timeout=120,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wrote, arrived, step = read_stamps(stamps)
+    if wrote is None or arrived is None:
+        return None
+    return (arrived - wrote) * 1000.0, step - target, 0.0
+
+
+BASELINES = {"shell while-read": shell_pipeline_once, "plain Python pump": plain_pump_once}
+
+
+def latency_table(tmp: Path, runs: int, rates, sources):
+    rows = []
+    for source in sources:
+        for rate in rates:
+            n = runs if source == "stdout" or source in BASELINES else max(3, runs // 2)
+            once = BASELINES.get(source)
+            samples = [s for s in ((once(tmp, rate) if once else stop_once(tmp, source, rate)) for _ in range(n)) if s]
+            lat = [s[0] for s in samples]
+            over = [s[1] for s in samples]
+            rows.append((source, rate, len(samples), statistics.median(lat), percentile(lat, 99),
+                         statistics.median(over), max(over)))
+            print(f"  latency {source:>16} {rate:>6}/s  p50 {rows[-1][3]:8.3f} ms  p99 {rows[-1][4]:8.3f} ms  "
+                  f"overshoot median {rows[-1][5]} max {rows[-1][6]}", flush=True)
+    return rows
+
+
+# -- 3, 5: throughput and memory ------------------------------------------------------------------
+
+
+def make_payload(path: Path, kind: str, size: int) -> None:
+    if kind == "non-matching lines":
+        unit = b"".join(b"INFO 2026-11-27 12:00:00 rank0 loss 0.%05d lr 0.0001 grad_norm 1.%02d tokens/s 12345\n"
+                        % (i, i % 97) for i in range(20000))
+    elif kind == "matching lines":
+        unit = b"".join(b"step %d loss 0.%05d lr 0.0001\n" % (i, i % 99991) for i in range(1, 40001))
+    elif kind == "\\r progress updates":
+        unit = b"".join(b"\r %2d%%|####      | %d/100000 [00:01<00:02, 400.00it/s]" % (i % 100, i)
+                        for i in range(1, 20001))
+    else:  # one line, no newline
+        unit = b"x" * (1 << 20)
+    with open(path, "wb") as fh:
+        written = 0
+        while written < size:
+            fh.write(unit)
+            written += len(unit)
+
+
+def timed(argv) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, env=ENV, stdout=subprocess.DEVNULL, check=False)
+    return time.perf_counter() - start
+
+
+def stopstep_through(path: Path, extra):
+    start = time.perf_counter()
+    proc = subprocess.Popen(STOPSTEP + ["run", "-q", "--last-step", str(10 ** 15), *extra, "--", "cat", str(path)],
+                            env=ENV, stdout=subprocess.DEVNULL)
+    peak = PeakRSS(proc.pid)
+    proc.wait()
+    return time.perf_counter() - start, peak.mb()
+
+
+def throughput_table(tmp: Path, size: int, repeats: int):
+    rows = []
+    kinds = [("non-matching lines", [], 1.0), ("matching lines", [], 1.5),
+             ("\\r progress updates", ["--preset", "hf"], None), ("one line, no newline", [], None)]
+    for kind, extra, target in kinds:
+        path = tmp / "payload"
+        make_payload(path, kind, size)
+        timed(["cat", str(path)])  # into the page cache
+        bare, ours, peaks = [], [], []
+        for _ in range(repeats):
+            bare.append(timed(["sh", "-c", f"cat {path} | cat > /dev/null"]))
+            took, peak = stopstep_through(path, extra)
+            ours.append(took)
+            peaks.append(peak)
+        path.unlink()
+        ratio = statistics.median(o / b for o, b in zip(ours, bare))
+        rows.append((kind, statistics.median(bare), statistics.median(ours), ratio, target, max(peaks)))
+        print(f"  throughput {kind:>22}: cat|cat {rows[-1][1]:.3f}s stopstep {rows[-1][2]:.3f}s "
+              f"ratio {ratio:.2f} peak RSS {max(peaks):.1f} MB", flush=True)
+    return rows
+
+
+def checkpoint_dir_memory(tmp: Path, files: int):
+    big = tmp / "big"
+    big.mkdir()
+    for i in range(files):
+        (big / f"events.{i}.txt").touch()
+    state = big / "checkpoint-500"
+    state.mkdir()
+    (state / "trainer_state.json").write_text('{"global_step": 500}')
+    command = [sys.executable, "-c", "import time; time.sleep(0.5); print('step 501')"]
+    timings, peaks = [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        proc = subprocess.Popen(STOPSTEP + ["run", "-q", "--num-steps", "1", "--checkpoint-dir", str(big), "--", *command],
+                                env=ENV, stdout=subprocess.DEVNULL)
+        peak = PeakRSS(proc.pid)
+        proc.wait()
+        timings.append(time.perf_counter() - start)
+        peaks.append(peak.mb())
+    bare = statistics.median(timed(STOPSTEP + ["run", "-q", "--num-steps", "1", "--", *command]) for _ in range(3))
+    shutil.rmtree(big)
+    scan = statistics.median(timings) - bare
+    print(f"  checkpoint dir of {files} entries: start-up scan and watch {scan:.3f}s, peak RSS {max(peaks):.1f} MB",
+          flush=True)
+    return scan, max(peaks)
+
+
+# -- 4: overhead ------------------------------------------------------------------------------
+
+
+def cpu_overhead(seconds: float):
+    steps = int(100 * seconds)
+    proc = subprocess.Popen(STOPSTEP + ["run", "-q", "--last-step", str(steps), "--",
+                                        *trainer("--rate", 100, "--steps", steps + 1000)],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    me = psutil.Process(proc.pid)
+    first = last = None
+    start = time.monotonic()
+    while proc.poll() is None:
+        try:
+            times = me.cpu_times()
+        except psutil.Error:
+            break
+        used = times.user + times.system
+        now = time.monotonic()
+        if first is None and now - start > 0.5:  # past start-up
+            first = (now, used)
+        last = (now, used)
+        time.sleep(0.05)
+    proc.wait()
+    per_minute = (last[1] - first[1]) / (last[0] - first[0]) * 60.0
+    print(f"  CPU used by stopstep at 100 lines/s: {per_minute:.3f} s per minute", flush=True)
+    return per_minute
+
+
+def startup_overhead(runs: int):
+    bare_cmd = [sys.executable, "-c", "print('step 1')"]
+    bare, ours = [], []
+    for _ in range(runs):
+        bare.append(timed(bare_cmd))
+        ours.append(timed(STOPSTEP + ["run", "-q", "--last-step", "1", "--", *bare_cmd]))
+    cli = shutil.which("stopstep")
+    script = []
+    if cli:  # the console script, as users run it
+        for _ in range(runs):
+            script.append(timed([cli, "run", "-q", "--last-step", "1", "--", *bare_cmd]))
+    added = (statistics.median(ours) - statistics.median(bare)) * 1000.0
+    added_cli = (statistics.median(script) - statistics.median(bare)) * 1000.0 if script else None
+    print(f"  start-up: bare {statistics.median(bare) * 1000:.1f} ms, python -m stopstep_cli adds {added:.1f} ms"
+          + (f", the stopstep script adds {added_cli:.1f} ms" if script else ""), flush=True)
+    return statistics.median(bare) * 1000.0, added, added_cli
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    model = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = psutil.virtual_memory().total / 2 ** 30
+    return (f"{model or platform.processor()}, {os.cpu_count()} cores, {mem:.0f} GiB, Linux {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
+def ok(value, target, below=True):
+    if target is None:
+        return ""
+    return "yes" if (value < target if below else value <= target) else "**no**"
+
+
+def write_markdown(path: Path, quick: bool, lat, thr, scan_mem, cpu, start, scale, elapsed):
+    lines = [
+        "# stopstep benchmarks",
+        "",
+        "Regenerated by `python scripts/bench.py` (full) or `python scripts/bench.py --quick`; do not edit by hand.",
+        "",
+        f"- run: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, {'quick' if quick else 'full'} mode, "
+        f"{elapsed:.0f} s",
+        f"- machine: {machine()}",
+        "- every figure is a median or a percentile over repeated runs on real processes; ratios are taken "
+        "in the same run (so they hold on a noisy machine)",
+        "",
+        "## Stop latency and overshoot",
+        "",
+        "Latency: from the moment the fake trainer writes the target step line (or, for checkpoints, finishes "
+        "the checkpoint) to the moment its signal handler runs, both read from CLOCK_MONOTONIC. Overshoot: "
+        "steps the trainer completed past the target before it stopped (an in-process limit would give 0). "
+        "`shell while-read` is the do-it-yourself pipeline: `trainer | while read line; do [[ $line == "
+        "\"step N \"* ]] && kill -INT $pid; done`; `plain Python pump` is the floor on this machine: a bare "
+        "loop that reads the pipe, finds the line and signals, with nothing else to do.",
+        "",
+        "| source | steps/s | runs | p50 ms | p99 ms | overshoot (median) | overshoot (max) | target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for source, rate, n, p50, p99, over_med, over_max in lat:
+        if source == "stdout":
+            over_target = 0 if rate <= 1000 else 2
+            verdict = (f"p50 < 0.5 ms: {ok(p50, 0.5)}, p99 < 2 ms: {ok(p99, 2.0)}, "
+                       f"overshoot <= {over_target}: {ok(over_max, over_target, below=False)}")
+        elif source == "checkpoint-inotify":
+            verdict = f"< 50 ms: {ok(p50, 50.0)}"
+        elif source == "checkpoint-poll":
+            verdict = f"within one poll (100 ms): {ok(p99, 100.0)}"
+        else:
+            verdict = ""
+        lines.append(f"| {source} | {rate} | {n} | {p50:.3f} | {p99:.3f} | {over_med:g} | {over_max} | {verdict} |")
+    lines += [
+        "",
+        "## Throughput and memory",
+        "",
+        f"Wall time to pass {'256 MiB' if quick else '1 GiB'} through stopstep "
+        "(`stopstep run -- cat FILE > /dev/null`) against `cat FILE | cat > /dev/null`, in the same run"
+        + (" (quick mode: stopstep's start-up is a larger share of these shorter runs)" if quick else "")
+        + ". Peak RSS is stopstep's own (VmHWM).",
+        "",
+        "| payload | cat \\| cat s | stopstep s | ratio | target | peak RSS MB (< 30) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind, bare, ours, ratio, target, peak in thr:
+        tgt = f"<= {target}: {ok(ratio, target, below=False)}" if target else "(reported)"
+        lines.append(f"| {kind} | {bare:.3f} | {ours:.3f} | {ratio:.2f} | {tgt} | {peak:.1f}: {ok(peak, 30.0)} |")
+    scan, scan_peak = scan_mem
+    bare_ms, added, added_cli = start
+    lines += [
+        "",
+        f"A checkpoint directory of {SCAN_FILES[quick]:,} entries: start-up scan and watch take {scan:.3f} s "
+        f"(target < 1 s: {ok(scan, 1.0)}), peak RSS {scan_peak:.1f} MB (target < 30: {ok(scan_peak, 30.0)}).",
+        "",
+        "## Overhead",
+        "",
+        f"- CPU used by stopstep itself at 100 lines/s: {cpu:.3f} s per minute (target < 0.3: {ok(cpu, 0.3)}).",
+        f"- Start-up: `stopstep run --last-step 1 -- python -c 'print(\"step 1\")'` minus the bare command "
+        f"({bare_ms:.0f} ms): {added:.1f} ms with `python -m stopstep_cli`"
+        + (f", {added_cli:.1f} ms with the `stopstep` console script" if added_cli is not None else "")
+        + f" (target < 50 ms: {ok(added_cli if added_cli is not None else added, 50.0)}).",
+        "",
+        "## Scale",
+        "",
+        f"A torchrun-like tree of 64 processes (an agent, 8 workers in their own sessions, 7 data workers "
+        f"each) at {scale[0]} steps/s: stop latency p50 {scale[1]:.3f} ms, p99 {scale[2]:.3f} ms; the whole tree "
+        f"is down {scale[3]:.3f} s (median) after the stop signal reached rank 0.",
+        "",
+        "## What does not meet its target, and why",
+        "",
+    ]
+    misses = [line for line in lines if "**no**" in line]
+    lines += ["- " + m.strip("| ") for m in misses] if misses else ["Every target above is met on this machine."]
+    lines.append("")
+    path.write_text("\n".join(lines))
+
+
+SCAN_FILES = {True: 20000, False: 100000}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, smaller runs: under a minute")
+    parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="where to write the results")
+    opts = parser.parse_args()
+    quick = opts.quick
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="stopstep-bench-") as name:
+        tmp = Path(name)
+        print("stop latency and overshoot", flush=True)
+        subprocess.run(STOPSTEP + ["run", "-q", "--last-step", "1", "--", "echo", "step 1"], env=ENV,
+                       stdout=subprocess.DEVNULL)  # compile and cache the bytecode first
+        lat = latency_table(tmp, 6 if quick else 40, (100, 1000, 10000),
+                            ("stdout", "plain Python pump", "shell while-read"))
+        lat += latency_table(tmp, 4 if quick else 20, (1000,), ("log-file", "checkpoint-inotify", "checkpoint-poll"))
+        print("throughput", flush=True)
+        thr = throughput_table(tmp, (256 if quick else 1024) << 20, 2 if quick else 5)
+        print("memory with a large checkpoint directory", flush=True)
+        scan_mem = checkpoint_dir_memory(tmp, SCAN_FILES[quick])
+        print("overhead", flush=True)
+        cpu = cpu_overhead(5 if quick else 30)
+        start = startup_overhead(6 if quick else 20)
+        print("scale", flush=True)
+        samples = [s for s in (stop_once(tmp, "stdout", 100, agent=8) for _ in range(3 if quick else 10)) if s]
+        scale = (100, statistics.median(s[0] for s in samples), percentile([s[0] for s in samples], 99),
+                 statistics.median(s[2] for s in samples))
+        print(f"  64 processes: p50 {scale[1]:.3f} ms, down in {scale[3]:.3f} s", flush=True)
+    elapsed = time.monotonic() - began
+    write_markdown(Path(opts.out), quick, lat, thr, scan_mem, cpu, start, scale, elapsed)
+    print(f"wrote {opts.out} in {elapsed:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
