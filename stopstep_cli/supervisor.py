@@ -140,6 +140,7 @@ class Supervisor:
         self._stop_exit_code = 0
         self._checkpoint_wait: Optional[float] = None  # stop deferred for a checkpoint until then
         self._pending: List[str] = []  # messages held until the output is written
+        self._stderr_mid_line = False  # the command's stderr left a line open (a progress bar)
         self._hook_error: Optional[BaseException] = None
         # hooks that want to be woken on a timer (stall, time limit), not only by steps
         self._timed_hooks = [h for h in self.runner.hooks if type(h).deadline is not SessionRunHook.deadline]
@@ -172,8 +173,7 @@ class Supervisor:
         pid1 = os.getpid() == 1
         self._inbox = SignalInbox(all_catchable_signals() if pid1 else FORWARDED_SIGNALS)
         self._poller.register(self._inbox.fileno(), select.POLLIN)
-        if self.progress is not None:
-            self.console.before_write = self.progress.clear
+        self.console.before_write = self._before_message
         try:
             if self.subreaper or pid1:
                 become_subreaper()
@@ -323,6 +323,8 @@ class Supervisor:
             self._write_out(stream, n)
             if stream.to_terminal:
                 self.progress.after_output(self._buf[n - 1])
+            if stream.out_fd == 2:
+                self._stderr_mid_line = self._buf[n - 1] != 10
         self._flush_messages()
         return n
 
@@ -478,6 +480,17 @@ class Supervisor:
         self.console.error(f"a hook raised in {what}: {type(exc).__name__}: {exc}")
         self.console.error("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
                            .rstrip().replace("\n", "\n    "))
+
+    def _before_message(self) -> None:
+        """stopstep's own line goes on a line of its own, not after a bar left open on stderr."""
+        if self.progress is not None:
+            self.progress.clear()
+        if self._stderr_mid_line:
+            self._stderr_mid_line = False
+            try:
+                os.write(2, b"\n")
+            except OSError:
+                pass
 
     def _flush_messages(self) -> None:
         while self._pending:
