@@ -216,7 +216,7 @@ def make_payload(path: Path, kind: str, size: int) -> None:
 
 def timed(argv) -> float:
     start = time.perf_counter()
-    subprocess.run(argv, env=ENV, stdout=subprocess.DEVNULL, check=False)
+    subprocess.run(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
     return time.perf_counter() - start
 
 
@@ -310,12 +310,12 @@ def startup_overhead(runs: int):
     bare, ours = [], []
     for _ in range(runs):
         bare.append(timed(bare_cmd))
-        ours.append(timed(STOPSTEP + ["run", "-q", "--last-step", "1", "--", *bare_cmd]))
+        ours.append(timed(STOPSTEP + ["run", "--last-step", "1", "--", *bare_cmd]))
     cli = shutil.which("stopstep")
     script = []
     if cli:  # the console script, as users run it
         for _ in range(runs):
-            script.append(timed([cli, "run", "-q", "--last-step", "1", "--", *bare_cmd]))
+            script.append(timed([cli, "run", "--last-step", "1", "--", *bare_cmd]))
     added = (statistics.median(ours) - statistics.median(bare)) * 1000.0
     added_cli = (statistics.median(script) - statistics.median(bare)) * 1000.0 if script else None
     print(f"  start-up: bare {statistics.median(bare) * 1000:.1f} ms, python -m stopstep_cli adds {added:.1f} ms"

@@ -36,6 +36,16 @@ def run_stopstep(*args, input=None, timeout=TIMEOUT, env=None, **kwargs) -> subp
     )
 
 
+def run_with_report(tmp_path, *args, **kwargs):
+    """``stopstep run --report R ARGS``; (the completed process, the report as a dict)."""
+    import json
+
+    path = tmp_path / "report.json"
+    result = run_stopstep("run", "--report", path, *args, **kwargs)
+    assert path.exists(), result.stderr.decode()
+    return result, json.loads(path.read_text())
+
+
 def start_stopstep(*args, env=None, **kwargs) -> subprocess.Popen:
     kwargs.setdefault("stdout", subprocess.PIPE)
     kwargs.setdefault("stderr", subprocess.PIPE)

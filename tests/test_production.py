@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from conftest import (
+    run_with_report,
     FAKE_TRAINER,
     ROOT,
     STOPSTEP,
@@ -27,17 +28,9 @@ from conftest import (
     assert_all_gone,
     read_pids,
     run_stopstep,
-    start_stopstep,
     trainer,
     wait_for_output,
 )
-
-
-def report_of(tmp_path, *args, **kwargs):
-    path = tmp_path / "report.json"
-    result = run_stopstep("run", "--report", path, *args, **kwargs)
-    assert path.exists(), result.stderr.decode()
-    return result, json.loads(path.read_text())
 
 
 # -- recovery -----------------------------------------------------------------------------
@@ -61,7 +54,7 @@ def crash_once_script(tmp_path, crash_at=7):
 
 def test_crash_and_resume_keeps_num_steps_anchored(tmp_path):
     command, ckpt = crash_once_script(tmp_path)
-    result, report = report_of(tmp_path, "--num-steps", "12", "--checkpoint-dir", ckpt, "--max-restarts", "2",
+    result, report = run_with_report(tmp_path, "--num-steps", "12", "--checkpoint-dir", ckpt, "--max-restarts", "2",
                                "--", *command)
     assert result.returncode == 0, result.stderr.decode()
     assert report["reason"] == "target_reached" and report["restarts"] == 1
@@ -74,7 +67,7 @@ def test_crash_and_resume_keeps_num_steps_anchored(tmp_path):
 
 
 def test_restarts_run_out(tmp_path):
-    result, report = report_of(tmp_path, "--last-step", "100", "--max-restarts", "2", "--",
+    result, report = run_with_report(tmp_path, "--last-step", "100", "--max-restarts", "2", "--",
                                *trainer("--rate", "0", "--crash-at", "2", "--crash-code", "3"))
     assert result.returncode == 3
     assert report["restarts"] == 2 and len(report["attempts"]) == 3
@@ -82,7 +75,7 @@ def test_restarts_run_out(tmp_path):
 
 
 def test_no_restart_after_a_clean_exit_or_a_stop(tmp_path):
-    result, report = report_of(tmp_path, "--last-step", "100", "--max-restarts", "2", "--",
+    result, report = run_with_report(tmp_path, "--last-step", "100", "--max-restarts", "2", "--",
                                *trainer("--rate", "0", "--steps", "3"))
     assert result.returncode == 0 and report["restarts"] == 0
 
@@ -153,7 +146,7 @@ def test_restart_calls_after_create_session_again_but_not_begin(tmp_path):
 
 
 def test_stall(tmp_path, pidfile):
-    result, report = report_of(tmp_path, "--last-step", "100", "--stall-timeout", "0.5", "--",
+    result, report = run_with_report(tmp_path, "--last-step", "100", "--stall-timeout", "0.5", "--",
                                *trainer("--rate", "100", "--steps", "1000", "--crash-at", "1000000", "--pidfile", pidfile,
                                         "--format", "step {step}", "--every", "1000000"),
                                )
@@ -166,7 +159,7 @@ def test_stall(tmp_path, pidfile):
 
 def test_stall_after_steps_and_a_longer_first_step_timeout(tmp_path):
     script = "import time\ntime.sleep(1)\nprint('step 1')\nprint('step 2')\ntime.sleep(60)\n"
-    result, report = report_of(tmp_path, "--last-step", "100", "--stall-timeout", "0.5",
+    result, report = run_with_report(tmp_path, "--last-step", "100", "--stall-timeout", "0.5",
                                "--first-step-timeout", "20", "--", sys.executable, "-c", script)
     assert result.returncode == 124
     assert report["reason"] == "stalled" and report["last_step_seen"] == 2
@@ -174,7 +167,7 @@ def test_stall_after_steps_and_a_longer_first_step_timeout(tmp_path):
 
 
 def test_time_limit(tmp_path):
-    result, report = report_of(tmp_path, "--last-step", "100000", "--time-limit", "0.5", "--",
+    result, report = run_with_report(tmp_path, "--last-step", "100000", "--time-limit", "0.5", "--",
                                *trainer("--rate", "20"))
     assert result.returncode == 124
     assert report["reason"] == "time_limit" and report["stop_signal"] == "SIGINT"
@@ -184,7 +177,7 @@ def test_time_limit(tmp_path):
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
 def test_stop_on_nan(tmp_path, value):
     script = f"import time\nprint('step 1 loss 0.5')\nprint('step 2 loss {value}', flush=True)\ntime.sleep(60)\n"
-    result, report = report_of(tmp_path, "--last-step", "100", "--stop-on-nan", "--", sys.executable, "-c", script)
+    result, report = run_with_report(tmp_path, "--last-step", "100", "--stop-on-nan", "--", sys.executable, "-c", script)
     assert result.returncode == 4
     assert report["reason"] == "nan_loss" and report["last_step_seen"] == 2
     assert f"loss is {float(value)} at step 2" in result.stderr.decode()
@@ -212,7 +205,7 @@ def test_user_hook_from_a_file_and_from_a_module(tmp_path):
 
 def test_a_hook_that_raises_stops_the_run_with_its_traceback(tmp_path, pidfile):
     (tmp_path / "myhooks.py").write_text(LifecycleLog.source)
-    result, report = report_of(tmp_path, "--last-step", "1000", "--hook", f"{tmp_path / 'myhooks.py'}:Exploding",
+    result, report = run_with_report(tmp_path, "--last-step", "1000", "--hook", f"{tmp_path / 'myhooks.py'}:Exploding",
                                "--", *trainer("--rate", "100", "--workers", "2", "--pidfile", pidfile))
     assert result.returncode == 5
     assert report["reason"] == "hook_error"

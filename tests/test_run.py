@@ -3,8 +3,6 @@ reports, bad input, and output passed through byte for byte."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import stat
 import subprocess
@@ -12,21 +10,15 @@ import sys
 
 import pytest
 
-from conftest import FAKE_TRAINER, STOPSTEP, assert_all_gone, read_pids, run_stopstep, stderr_lines, trainer
-
-
-def report_of(tmp_path, *args):
-    path = tmp_path / "report.json"
-    result = run_stopstep(args[0], "--report", path, *args[1:])
-    return result, json.loads(path.read_text())
+from conftest import FAKE_TRAINER, STOPSTEP, assert_all_gone, read_pids, run_stopstep, stderr_lines, trainer, run_with_report
 
 
 # -- reaching the target -------------------------------------------------------
 
 
 def test_last_step_stops_exactly_and_cleanly(tmp_path, pidfile):
-    result, report = report_of(
-        tmp_path, "run", "--last-step", "20", "--",
+    result, report = run_with_report(
+        tmp_path, "--last-step", "20", "--",
         *trainer("--rate", "20", "--workers", "2", "--pidfile", pidfile),
     )
     assert result.returncode == 0, result.stderr
@@ -43,7 +35,7 @@ def test_last_step_stops_exactly_and_cleanly(tmp_path, pidfile):
 
 
 def test_num_steps_counts_from_a_fresh_run(tmp_path):
-    result, report = report_of(tmp_path, "run", "--num-steps", "5", "--", *trainer("--rate", "50"))
+    result, report = run_with_report(tmp_path, "--num-steps", "5", "--", *trainer("--rate", "50"))
     assert result.returncode == 0
     assert report["target_step"] == 5 and report["start_step"] is None
     assert report["last_step_seen"] >= 5
@@ -56,8 +48,8 @@ def test_target_from_the_environment(tmp_path):
 
 
 def test_custom_stop_signal_and_steps_on_stderr(tmp_path):
-    result, report = report_of(
-        tmp_path, "run", "--last-step", "4", "--stop-signal", "TERM", "--preset", "hf", "--",
+    result, report = run_with_report(
+        tmp_path, "--last-step", "4", "--stop-signal", "TERM", "--preset", "hf", "--",
         *trainer("--rate", "50", "--stderr", "--end", "\\r",
                  "--format", "{step:3d}%|#         | {step}/{total} [00:01<00:02,  4.00it/s]"),
     )
@@ -83,7 +75,7 @@ def test_quiet_and_verbose():
 
 
 def test_process_exited_report(tmp_path):
-    result, report = report_of(tmp_path, "run", "--last-step", "100", "--", *trainer("--crash-at", "3", "--rate", "0"))
+    result, report = run_with_report(tmp_path, "--last-step", "100", "--", *trainer("--crash-at", "3", "--rate", "0"))
     assert result.returncode == 1
     assert report["reason"] == "process_exited"
     assert report["child_returncode"] == 1 and report["exit_code"] == 1

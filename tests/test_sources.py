@@ -7,15 +7,8 @@ import os
 
 import pytest
 
-from conftest import assert_all_gone, read_pids, run_stopstep, trainer
+from conftest import assert_all_gone, read_pids, run_stopstep, trainer, run_with_report
 from stopstep_cli.layouts import make_layout
-
-
-def report_of(tmp_path, *args, **kwargs):
-    path = tmp_path / "report.json"
-    result = run_stopstep("run", "--report", path, *args, **kwargs)
-    assert path.exists(), result.stderr.decode()
-    return result, json.loads(path.read_text())
 
 
 QUIET_TRAINER = ("--format", "training...")  # prints no step: checkpoints are the only source
@@ -25,7 +18,7 @@ QUIET_TRAINER = ("--format", "training...")  # prints no step: checkpoints are t
                                     "orbax", "fairseq", "mmengine", "composer"])
 def test_stops_at_the_step_of_a_finished_checkpoint(tmp_path, pidfile, layout):
     ckpt = tmp_path / "ckpt"
-    result, report = report_of(
+    result, report = run_with_report(
         tmp_path, "--last-step", "20", "--checkpoint-dir", ckpt, "--layout", layout, "--",
         *trainer("--rate", "100", *QUIET_TRAINER, "--checkpoint-dir", ckpt, "--layout", layout,
                  "--save-every", "10", "--save-seconds", "0.05", "--pidfile", pidfile),
@@ -40,7 +33,7 @@ def test_stops_at_the_step_of_a_finished_checkpoint(tmp_path, pidfile, layout):
 
 def test_auto_layout_and_a_directory_that_does_not_exist_yet(tmp_path):
     ckpt = tmp_path / "later" / "ckpt"
-    result, report = report_of(
+    result, report = run_with_report(
         tmp_path, "--last-step", "10", "--checkpoint-dir", ckpt, "--",
         *trainer("--rate", "100", *QUIET_TRAINER, "--checkpoint-dir", ckpt, "--layout", "lightning",
                  "--save-every", "5"),
@@ -51,7 +44,7 @@ def test_auto_layout_and_a_directory_that_does_not_exist_yet(tmp_path):
 
 def test_stop_after_checkpoint_waits_for_the_save_at_or_past_the_target(tmp_path):
     ckpt = tmp_path / "out"
-    result, report = report_of(
+    result, report = run_with_report(
         tmp_path, "--last-step", "12", "--checkpoint-dir", ckpt, "--stop-after-checkpoint", "--",
         *trainer("--rate", "50", "--checkpoint-dir", ckpt, "--layout", "hf", "--save-every", "10",
                  "--save-seconds", "0.3"),
@@ -64,7 +57,7 @@ def test_stop_after_checkpoint_waits_for_the_save_at_or_past_the_target(tmp_path
 
 def test_stop_after_checkpoint_gives_up_after_the_grace_period(tmp_path):
     ckpt = tmp_path / "out"
-    result, report = report_of(
+    result, report = run_with_report(
         tmp_path, "--last-step", "3", "--checkpoint-dir", ckpt, "--stop-after-checkpoint",
         "--grace-period", "0.5", "--", *trainer("--rate", "50"),
     )
@@ -78,7 +71,7 @@ def test_resumed_run_anchors_num_steps_at_the_latest_checkpoint(tmp_path):
     for step in (400, 500):
         (ckpt / f"checkpoint-{step}").mkdir(parents=True)
         (ckpt / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    result, report = report_of(
+    result, report = run_with_report(
         tmp_path, "--num-steps", "20", "--checkpoint-dir", ckpt, "--",
         *trainer("--start", "500", "--rate", "100"),
     )
@@ -92,7 +85,7 @@ def test_log_file_with_rotation(tmp_path):
     log = tmp_path / "logs" / "train.log"
     log.parent.mkdir()
     log.write_text("step 9999 from an earlier run\n")  # written before launch: does not count
-    result, report = report_of(
+    result, report = run_with_report(
         tmp_path, "--last-step", "23", "--log-file", log, "--",
         *trainer("--rate", "100", "--log-file", log, "--rotate-every", "5"),
     )
@@ -103,7 +96,7 @@ def test_log_file_with_rotation(tmp_path):
 
 def test_log_file_in_a_directory_made_after_launch(tmp_path):
     log = tmp_path / "runs" / "today" / "train.log"
-    result, report = report_of(tmp_path, "--last-step", "10", "--log-file", log, "--",
+    result, report = run_with_report(tmp_path, "--last-step", "10", "--log-file", log, "--",
                                *trainer("--rate", "100", "--log-file", log))
     assert result.returncode == 0
     assert report["last_step_seen"] == 10
@@ -112,7 +105,7 @@ def test_log_file_in_a_directory_made_after_launch(tmp_path):
 def test_log_file_from_start_counts_what_was_there(tmp_path):
     log = tmp_path / "train.log"
     log.write_text("step 50\n")
-    result, report = report_of(
+    result, report = run_with_report(
         tmp_path, "--last-step", "40", "--log-file", log, "--log-file-from-start", "--",
         *trainer("--rate", "10", "--log-file", log),
     )
@@ -134,14 +127,14 @@ def test_log_file_that_appears_later_and_is_truncated(tmp_path):
     )
     import sys
 
-    result, report = report_of(tmp_path, "--last-step", "5", "--log-file", log, "--", sys.executable, "-c", script)
+    result, report = run_with_report(tmp_path, "--last-step", "5", "--log-file", log, "--", sys.executable, "-c", script)
     assert result.returncode == 0
     assert report["last_step_seen"] == 5
 
 
 def test_poll_mode(tmp_path):
     ckpt, log = tmp_path / "ckpt", tmp_path / "train.log"
-    result, report = report_of(
+    result, report = run_with_report(
         tmp_path, "--last-step", "30", "--checkpoint-dir", ckpt, "--poll", "0.05", "--log-file", log, "--",
         *trainer("--rate", "100", "--log-file", log, "--checkpoint-dir", ckpt, "--layout", "deepspeed",
                  "--save-every", "10"),
@@ -152,7 +145,7 @@ def test_poll_mode(tmp_path):
 
 def test_several_sources_take_the_highest_step(tmp_path):
     ckpt = tmp_path / "ckpt"
-    result, report = report_of(
+    result, report = run_with_report(
         tmp_path, "-v", "--last-step", "15", "--checkpoint-dir", ckpt, "--",
         *trainer("--rate", "100", "--checkpoint-dir", ckpt, "--layout", "torchtitan", "--save-every", "5"),
     )
