@@ -39,9 +39,9 @@ def cli() -> None:
 
 
 @cli.command(context_settings=_RUN_CONTEXT)
-@click.option("--last-step", type=click.IntRange(min=0), envvar="STOPSTEP_LAST_STEP",
+@click.option("--last-step", type=click.IntRange(min=0), envvar="STOPSTEP_LAST_STEP", metavar="N",
               help="Stop once the global step is >= N (absolute). [env: STOPSTEP_LAST_STEP]")
-@click.option("--num-steps", type=click.IntRange(min=0), envvar="STOPSTEP_NUM_STEPS",
+@click.option("--num-steps", type=click.IntRange(min=0), envvar="STOPSTEP_NUM_STEPS", metavar="N",
               help="Stop after N steps from the step the run starts at. [env: STOPSTEP_NUM_STEPS]")
 @click.option("--pattern", "patterns", multiple=True, metavar="REGEX",
               help="Regex with a named group 'step' (or one group) matched against each output line. Repeatable.")

@@ -12,6 +12,7 @@ after.
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import signal
@@ -223,6 +224,9 @@ class Supervisor:
         if self._watcher is None and self._waker is None:
             self._start_sources()  # after the spawn: the command is not forked from a threaded process
         self.tree.prepare_walks()  # while the command starts up, not when stopping
+        # What start-up made (click, psutil, the hooks, the formats) lives until the end:
+        # keep the collector from walking it again on every full collection in the loop.
+        gc.freeze()
         self._call_hooks("after_create_session", lambda: self.runner.after_create_session(self.session, self.coord))
         self.report.target_step = self.target.last_step if self.target else None
         if self._hook_error is not None:
