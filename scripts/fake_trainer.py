@@ -298,7 +298,9 @@ def main(argv=None):
         out.flush()
     while step < args.steps and not STOP:
         if interval:
-            next_at += interval
+            # A step takes its time, like a compute-bound one: a step delayed (by the
+            # scheduler) is not made up for by a burst of faster ones afterwards.
+            next_at = max(next_at, time.monotonic() - interval) + interval
             delay = next_at - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
