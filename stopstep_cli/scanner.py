@@ -159,7 +159,7 @@ class LineScanner:
             if line_end < 0:
                 line_end = b
             line_end = min(line_end, line_start + self.max_line)
-            obs = self._match(bytes(buf[line_start:line_end]))
+            obs = self._match(bytes(buf[line_start:line_end]), anchored=anchors is not None)
             if obs is not None:
                 return obs, line_start
             pos = line_start
@@ -176,8 +176,9 @@ class LineScanner:
 
     # -- lines ------------------------------------------------------------
 
-    def _match(self, raw: bytes, partial: bool = False) -> Optional[Observation]:
-        if self.anchors is not None and not any(anchor in raw for anchor in self.anchors):
+    def _match(self, raw: bytes, partial: bool = False, anchored: bool = False) -> Optional[Observation]:
+        """The step in one line, if any; ``anchored``: the caller found an anchor in it already."""
+        if not anchored and self.anchors is not None and not any(anchor in raw for anchor in self.anchors):
             return None
         text = clean_line(raw)
         for fmt in self.live_formats if partial else self.formats:

@@ -280,6 +280,11 @@ class Supervisor:
 
     def _timeout_ms(self) -> Optional[float]:
         """How long poll may sleep: until the next timer (sources, hooks, the grace period...)."""
+        if not (self.sources or self._timed_hooks or self.progress or self._stopping or self._exited
+                or self._deadline or self._checkpoint_wait):
+            # the common case while training: only the slow look at the process table
+            self._next_timer = self._next_child_check
+            return max(0.0, self._next_timer - time.monotonic()) * 1000.0
         wakes = [source.next_due for source in self.sources if source.next_due is not None]
         if self._stopping or self._exited:
             wakes.append(self._next_tree_check)
