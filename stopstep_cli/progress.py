@@ -39,6 +39,7 @@ class Progress:
         self.shown = False  # the status line is on the screen now
         self.at_line_start = True  # the last byte written to the terminal ended a line
         self._last_draw = 0.0
+        self._next_redraw = time.monotonic()
         self._next_line = time.monotonic() + status_interval if status_interval else None
         self._rate_since: Optional[tuple] = None  # (time, step) the rate is measured from
         self.step: Optional[int] = None
@@ -94,12 +95,12 @@ class Progress:
     # -- lines (no terminal) ---------------------------------------------------------
 
     def next_due(self) -> Optional[float]:
-        if self.status_line:
-            return self._last_draw + 1.0
-        return self._next_line
+        return self._next_redraw if self.status_line else self._next_line
 
     def tick(self, now: float, console) -> None:
         if self.status_line:
+            # once a second, drawn or not (the command may have a line open): never a busy loop
+            self._next_redraw = now + 1.0
             self.draw(now, force=True)
         elif self._next_line is not None and now >= self._next_line:
             self._next_line = now + self.status_interval

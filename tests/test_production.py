@@ -449,3 +449,19 @@ def test_dockerfile_lints_clean():
         pytest.skip("hadolint not installed (pip install -e '.[test]' brings it)")
     result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_status_line_waiting_for_a_line_end_does_not_spin():
+    # The command leaves a line open (a bar) and goes quiet: the status line cannot be drawn,
+    # and stopstep must wait, not poll in a busy loop.
+    import resource
+
+    code = ("import sys, time\nprint('step 1', flush=True)\nsys.stdout.write('partial'); sys.stdout.flush()\n"
+            "time.sleep(1.5)\nprint('\\nstep 2', flush=True)\ntime.sleep(60)\n")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = run_stopstep("run", "--progress", "always", "--tty", "never", "--last-step", "2", "--",
+                          sys.executable, "-c", code)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert result.returncode == 0
+    used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert used < 1.0, f"stopstep and its command used {used:.2f} s of CPU in a 1.5 s wait"
