@@ -210,6 +210,12 @@ def _file_sources(formats, log_files, from_start, checkpoint_dirs, layout, check
             compile_user_pattern(checkpoint_pattern)
         except PatternError as exc:
             raise UsageError(str(exc).replace("pattern", "--checkpoint-pattern", 1)) from None
+    for path in checkpoint_dirs:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError(f"--checkpoint-dir {path} is not a directory")
+    for path in log_files:
+        if os.path.isdir(path):
+            raise UsageError(f"--log-file {path} is a directory")
     from .sources import CheckpointSource, LogFileSource
 
     sources = [LogFileSource(path, formats, from_start, poll) for path in log_files]

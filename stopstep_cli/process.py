@@ -157,6 +157,8 @@ class ProcessTree:
                  death_signal: int = signal.SIGINT):
         if not argv:
             raise StopstepError("no command given")
+        if not argv[0]:
+            raise CommandNotFound("command not found: '' (an empty command name)")
         self.argv = list(argv)
         self.env = env
         self.death_signal = int(death_signal)

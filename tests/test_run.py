@@ -97,6 +97,8 @@ def test_a_last_step_line_printed_just_before_exit_counts():
 
 
 def test_command_not_found_and_not_executable(tmp_path):
+    empty = run_stopstep("run", "--last-step", "1", "--", "")
+    assert empty.returncode == 127 and b"empty command name" in empty.stderr
     missing = run_stopstep("run", "--last-step", "1", "--", "no-such-command-xyz")
     assert missing.returncode == 127
     assert stderr_lines(missing) == ["stopstep: error: command not found: no-such-command-xyz"]

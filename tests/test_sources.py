@@ -165,6 +165,8 @@ def test_several_sources_take_the_highest_step(tmp_path):
         (["--log-file-from-start"], "--log-file-from-start needs --log-file"),
         (["--poll", "1"], "--poll needs --log-file or --checkpoint-dir"),
         (["--log-file", "x", "--poll", "0"], "--poll"),
+        (["--checkpoint-dir", __file__], "is not a directory"),
+        (["--log-file", "/tmp"], "is a directory"),
     ],
 )
 def test_source_usage_errors(args, says):
