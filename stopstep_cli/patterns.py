@@ -239,6 +239,7 @@ PRESETS: Dict[str, StepFormat] = {
             "Keras progress bar; `Epoch E/T` lines make it a global step: (E-1)*total + n",
             _keras_step,
             ContextRule(r"^Epoch (?P<epoch>\d+)/\d+\s*$", (b"Epoch ",), _keras_epoch),
+            live=True,
         ),
     )
 }

@@ -7,12 +7,12 @@ backwards, and runs a regex only on the line around an anchor. The latest step
 of a read wins; earlier step lines of the same read are counted as coalesced.
 
 Lines end at ``\\n`` or ``\\r``. Progress-bar formats (``StepFormat.live``)
-also read the line still being drawn, so a tqdm bar is seen when it is drawn,
-not when the next one replaces it; a match with a number ending exactly where
-the bytes end is left for later, since it may still be growing ("step 1" of
-"step 12"). Other formats wait for the line's end: ``print`` without a buffer
-writes the text and its newline separately, and a line cut between them would
-lose its trailing fields.
+also read the line still being drawn, so a bar is seen when it is drawn, not
+when the next one replaces it: a count ending exactly where the bytes end is
+left for later, since it may still be growing ("step 1" of "step 12"), and a
+field cut there is left out. Other formats wait for the line's end: ``print``
+without a buffer writes the text and its newline separately, and a line read
+between the two would lose its trailing fields (a NaN loss).
 """
 
 from __future__ import annotations
@@ -186,8 +186,11 @@ class LineScanner:
             if match is None:
                 continue
             fields = fmt.fields(match)
-            if partial and _ends_at(match, match.re.groupindex, len(text)):
-                return None  # a number may still be growing: "step 1" of "step 12", "loss 0.5" of "0.53"
+            if partial:
+                if _ends_at(match, _COUNTING_GROUPS, len(text)):
+                    return None  # the count may still be growing: "step 1" of "step 12"
+                # a field cut where the bytes end ("loss: 0.5" of "0.53") is left out
+                fields = {name: value for name, value in fields.items() if match.end(name) < len(text)}
             step = fmt.to_step(match, self.states[fmt.name])
             if step is not None:
                 return Observation(step, fields, self.source, 0, text.strip(), time.monotonic())
@@ -239,9 +242,13 @@ class LineScanner:
                 rule.apply(match, self.states[fmt.name])
 
 
+_COUNTING_GROUPS = ("step", "step2", "total")
+
+
 def _ends_at(match, names, end: int) -> bool:
-    """Does one of the named groups (or the only group) end exactly at ``end``?"""
-    present = list(names) or ([1] if match.re.groups else [])
+    """Does one of the counting groups (or the only group) end exactly at ``end``?"""
+    groups = match.re.groupindex
+    present = [name for name in names if name in groups] or ([1] if match.re.groups else [])
     return any(match.end(name) == end for name in present if match.start(name) >= 0)
 
 
