@@ -133,6 +133,7 @@ class Supervisor:
         self._inbox: Optional[SignalInbox] = None
         self._waker = None
         self._watcher = None
+        self._sources_started = False
         self._foreground = None
         self._started = 0.0
         self._first_seen_at: Optional[float] = None
@@ -207,12 +208,12 @@ class Supervisor:
     def _launch(self) -> None:
         """Start (or restart) the command and open its session."""
         self._resume_point()
-        from .terminal import stdout_wants_pty
+        from .terminal import wants_pty
 
         foreground = self._foreground if self._foreground is not None and self._foreground.active else None
         self.tree.spawn(
-            stdout_pty=stdout_wants_pty(self.tty, 1),
-            stderr_pty=stdout_wants_pty(self.tty, 2),
+            stdout_pty=wants_pty(self.tty, 1),
+            stderr_pty=wants_pty(self.tty, 2),
             child_setup=foreground.child_setup if foreground else None,
         )
         if foreground:
@@ -221,7 +222,7 @@ class Supervisor:
         self.console.debug(f"started pid {self.tree.pid}: {' '.join(self.argv)}")
         self._add_stream("stdout", self.tree.stdout_fd, 1)
         self._add_stream("stderr", self.tree.stderr_fd, 2)
-        if self._watcher is None and self._waker is None:
+        if not self._sources_started:
             self._start_sources()  # after the spawn: the command is not forked from a threaded process
         self.tree.prepare_walks()  # while the command starts up, not when stopping
         # What start-up made (click, psutil, the hooks, the formats) lives until the end:
@@ -396,6 +397,7 @@ class Supervisor:
             self._global_step = None
 
     def _start_sources(self) -> None:
+        self._sources_started = True
         if not self.sources:
             return
         from .sources import FileWatcher, Waker

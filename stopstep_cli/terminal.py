@@ -108,7 +108,7 @@ class Foreground:
             self.active = False
 
 
-def stdout_wants_pty(mode: str, fd: int) -> bool:
+def wants_pty(mode: str, fd: int) -> bool:
     """--tty auto|always|never for one stream."""
     if mode == "always":
         return True
