@@ -269,7 +269,7 @@ def _error(text: str) -> None:
     try:
         sys.stderr.write(f"stopstep: error: {text}\n")
         sys.stderr.flush()
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         pass
 
 
@@ -280,6 +280,6 @@ def entry_point() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):  # AttributeError: started without that fd
             pass
     os._exit(code)

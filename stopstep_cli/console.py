@@ -20,7 +20,7 @@ class Console:
         try:
             stream.write(f"stopstep: {text}\n")
             stream.flush()
-        except (OSError, ValueError):  # stderr closed or gone: nothing to tell
+        except (OSError, ValueError, AttributeError):  # stderr closed or gone: nothing to tell
             pass
 
     def error(self, text: str) -> None:

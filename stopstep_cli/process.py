@@ -90,6 +90,19 @@ def _libc():
     return ctypes.CDLL(None, use_errno=True)
 
 
+def ensure_standard_fds() -> None:
+    """Open /dev/null on any of fds 0-2 that stopstep was started without, before
+    any pipe is made: a pipe landing on fd 1 would receive the command's output."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:  # the lower ones are open, so this is fd; be safe anyway
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def become_subreaper() -> bool:
     """Ask Linux to re-parent orphaned descendants to this process."""
     if not sys.platform.startswith("linux"):

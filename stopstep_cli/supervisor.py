@@ -33,6 +33,7 @@ from .process import (
     SignalInbox,
     all_catchable_signals,
     become_subreaper,
+    ensure_standard_fds,
     status_to_exit_code,
 )
 from .report import RunReport
@@ -172,6 +173,7 @@ class Supervisor:
         if not sys.platform.startswith("linux"):
             raise StopstepError(f"stopstep supervises processes on Linux only, not on {sys.platform}")
         self._started = time.monotonic()
+        ensure_standard_fds()
         pid1 = os.getpid() == 1
         self._inbox = SignalInbox(all_catchable_signals() if pid1 else FORWARDED_SIGNALS)
         self._poller.register(self._inbox.fileno(), select.POLLIN)
@@ -353,6 +355,13 @@ class Supervisor:
                 self.console.info(f"{stream.name} was closed by its reader; closing the command's {stream.name} too")
                 stream.out_fd = -1
                 self._close(stream)
+                return
+            except OSError as exc:
+                # A full disk, a vanished terminal: the training matters more than its log.
+                # Keep reading (and scanning) the command's output, and drop it.
+                self.console.error(f"cannot write the command's {stream.name} ({exc.strerror}); "
+                                   f"its {stream.name} is dropped from here on, the run goes on")
+                stream.out_fd = -1
                 return
 
     def _close(self, stream: _Stream) -> None:

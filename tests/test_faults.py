@@ -18,6 +18,7 @@ import pytest
 
 from conftest import (
     TIMEOUT,
+    _env,
     assert_all_gone,
     read_pids,
     run_stopstep,
@@ -268,3 +269,31 @@ def test_a_full_disk_when_writing_the_report(full_disk, pidfile):
     assert b"trainer: stopped cleanly at step 3" in result.stderr  # the tree was stopped all the same
     assert_all_gone(read_pids(pidfile))
     assert not [p for p in os.listdir(full_disk) if p.startswith(".stopstep-report-")]  # no temporary left
+
+
+def test_stdout_on_a_full_disk_drops_the_output_and_the_run_goes_on(pidfile):
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run([sys.executable, "-m", "stopstep_cli", "run", "--last-step", "5", "--",
+                                 *trainer("--rate", "100", "--pidfile", pidfile)],
+                                stdout=full, stderr=subprocess.PIPE, timeout=TIMEOUT, env=_env(None))
+    err = result.stderr.decode()
+    assert result.returncode == 0, err
+    assert "cannot write the command's stdout (No space left on device)" in err
+    assert "trainer: stopped cleanly at step 5" in err and "Traceback" not in err
+    assert_all_gone(read_pids(pidfile))
+
+
+@pytest.mark.parametrize("closed", [0, 1, 2])
+def test_started_without_a_standard_fd(closed, pidfile):
+    # A pipe made at start-up must not land on the missing fd (and take the command's output).
+    result = subprocess.run([sys.executable, "-m", "stopstep_cli", "run", "--last-step", "3", "--",
+                             *trainer("--rate", "100", "--pidfile", pidfile)],
+                            stdout=subprocess.PIPE if closed != 1 else None,
+                            stderr=subprocess.PIPE if closed != 2 else None,
+                            preexec_fn=lambda: os.close(closed), timeout=TIMEOUT, env=_env(None))
+    assert result.returncode == 0
+    if closed != 2:
+        assert b"Traceback" not in result.stderr
+    if closed == 0:
+        assert result.stdout.endswith(b"step 3 loss 0.3333\n")
+    assert_all_gone(read_pids(pidfile))
