@@ -105,6 +105,15 @@ def run(**opts) -> int:
       stopstep run --last-step 5000 -- python train.py
       stopstep run --num-steps 50 --preset hf --report run.json -- python train.py
     """
+    if opts["last_step"] is not None and opts["num_steps"] is not None:
+        # An option on the command line wins over the other one's environment variable
+        # (an image sets STOPSTEP_LAST_STEP; a run of it asks for --num-steps).
+        source = click.get_current_context().get_parameter_source
+        env = click.core.ParameterSource.ENVIRONMENT
+        if source("last_step") is env and source("num_steps") is not env:
+            opts["last_step"] = None
+        elif source("num_steps") is env and source("last_step") is not env:
+            opts["num_steps"] = None
     if (opts["last_step"] is None) == (opts["num_steps"] is None):
         raise UsageError("give exactly one of --last-step or --num-steps "
                          "(or STOPSTEP_LAST_STEP / STOPSTEP_NUM_STEPS)")

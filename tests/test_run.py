@@ -47,6 +47,14 @@ def test_target_from_the_environment(tmp_path):
     assert "step 7 reached (target 7)" in result.stderr.decode()
 
 
+def test_a_command_line_target_wins_over_the_other_targets_environment_variable():
+    result = run_stopstep("run", "--num-steps", "4", "--", *trainer("--rate", "100"),
+                          env={"STOPSTEP_LAST_STEP": "900"})
+    assert result.returncode == 0 and b"step 4 reached (target 4)" in result.stderr
+    both = run_stopstep("run", "--", "true", env={"STOPSTEP_LAST_STEP": "9", "STOPSTEP_NUM_STEPS": "9"})
+    assert both.returncode == 2 and b"exactly one of" in both.stderr
+
+
 def test_custom_stop_signal_and_steps_on_stderr(tmp_path):
     result, report = run_with_report(
         tmp_path, "--last-step", "4", "--stop-signal", "TERM", "--preset", "hf", "--",
