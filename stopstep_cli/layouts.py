@@ -126,8 +126,9 @@ class Layout:
 
     def __init__(self, name: str, entry: str, complete: Callable[["Layout", str, str, int], bool],
                  markers: str = "", ignore: str = r"^$", counts: str = "steps", description: str = "",
-                 example: str = ""):
+                 example: str = "", checkpoint_name: Callable[[str], str] = lambda name: name):
         self.name, self.complete = name, complete
+        self.checkpoint_name = checkpoint_name  # the entry -> what users call the checkpoint (TF: its prefix)
         self.markers, self.ignore, self.counts = markers, ignore, counts
         self.description, self.example = description, example
         self.state: Dict[str, object] = {}
@@ -338,6 +339,7 @@ def _layouts() -> Dict[str, Layout]:
                 _tf_complete,
                 markers=r"^checkpoint$|ckpt-\d+\.index$",
                 counts="saves, unless CheckpointManager.save(checkpoint_number=step) (TF Estimator's model.ckpt-N is the step)",
+                checkpoint_name=_tf_prefix,
                 description="TensorFlow: the `checkpoint` state file names ckpt-N, whose .index and every data shard exist",
                 example="stopstep run --last-step 10000 --checkpoint-dir model_dir --layout tf -- python train.py",
             ),

@@ -302,7 +302,7 @@ class CheckpointSource(_Watched):
             return None
         name, step = complete
         self.pending = {n: s for n, s in found.items() if s > step}
-        self.done_step, self.last_path = step, os.path.join(self.root, name)
+        self.done_step, self.last_path = step, os.path.join(self.root, self.layout.checkpoint_name(name))
         return self._observation(step)
 
     def start(self, watcher: Optional[FileWatcher]) -> List[Observation]:
@@ -413,7 +413,7 @@ class CheckpointSource(_Watched):
             if self.layout.is_complete(self.root, name, step):
                 del self.pending[name]
                 if self.done_step is None or step > self.done_step:
-                    self.done_step, self.last_path = step, os.path.join(self.root, name)
+                    self.done_step, self.last_path = step, os.path.join(self.root, self.layout.checkpoint_name(name))
                     out.append(self._observation(step))
         self.pending = {n: s for n, s in self.pending.items() if self.done_step is None or s > self.done_step}
         self._plan_relook()
