@@ -581,12 +581,16 @@ class Supervisor:
                 continue
             self.tree.signal_group(signal.SIGCONT)
             self._begin_grace()
-            self._checkpoint_wait = None
-            self._stop_requested = True
-            self.report.reason = reasons.SIGNAL
-            self.report.received_signal = name
-            self._stop_exit_code = 128 + signum
+            self._stopped_by(signum)
             self.console.info(f"received {name}; passed it on and waiting up to {self.grace_period:g}s for the command")
+
+    def _stopped_by(self, signum: int) -> None:
+        """stopstep itself was told to stop: no more hooks, and it will exit 128+n."""
+        self._checkpoint_wait = None
+        self._stop_requested = True
+        self.report.reason = reasons.SIGNAL
+        self.report.received_signal = signal.Signals(signum).name
+        self._stop_exit_code = 128 + signum
 
     def _resize_ptys(self) -> None:
         from .terminal import copy_window_size, is_terminal
@@ -679,10 +683,7 @@ class Supervisor:
                 if fd == self._inbox.fileno():
                     for signum in self._inbox.drain():
                         if signum in TERMINATING_SIGNALS:
-                            self._stop_requested = True
-                            self.report.reason = reasons.SIGNAL
-                            self.report.received_signal = signal.Signals(signum).name
-                            self._stop_exit_code = 128 + signum
+                            self._stopped_by(signum)
                             return False
                 elif self._waker is not None and fd == self._waker.fileno():
                     self._waker.clear()

@@ -465,3 +465,18 @@ def test_a_status_line_waiting_for_a_line_end_does_not_spin():
     assert result.returncode == 0
     used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert used < 1.0, f"stopstep and its command used {used:.2f} s of CPU in a 1.5 s wait"
+
+
+def test_a_signal_during_the_restart_delay_ends_the_run(tmp_path):
+    from conftest import start_stopstep
+
+    report_path = tmp_path / "r.json"
+    proc = start_stopstep("run", "--last-step", "100", "--max-restarts", "1", "--restart-delay", "60",
+                          "--report", report_path, "--", *trainer("--rate", "0", "--crash-at", "2"))
+    wait_for_output(proc.stderr, b"restarting in 60s")
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 143
+    report = json.loads(report_path.read_text())
+    assert report["reason"] == "signal" and report["received_signal"] == "SIGTERM"
+    assert report["restarts"] == 1 and len(report["attempts"]) == 1
