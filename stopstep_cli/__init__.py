@@ -24,7 +24,7 @@ from .hooks import (  # noqa: E402
 )
 from .patterns import DEFAULT_FORMAT, PRESETS, StepFormat, compile_user_pattern  # noqa: E402
 from .report import RunReport  # noqa: E402
-from .scanner import Observation  # noqa: E402
+from .observation import Observation  # noqa: E402
 from .standard_hooks import NanLossHook, StallHook, TimeLimitHook  # noqa: E402
 
 

@@ -11,7 +11,8 @@ import click
 
 from . import __version__
 from .console import NORMAL, QUIET, VERBOSE, Console
-from .errors import EXIT_USAGE, StopstepError, UsageError
+from .errors import StopstepError, UsageError
+from .outcome import EXIT_USAGE
 from .hooks import StopAtStepHook
 from .layouts import LAYOUT_NAMES, make_layout
 from .patterns import PRESETS, PatternError, compile_user_pattern, resolve_formats

@@ -1,16 +1,9 @@
-"""stopstep's exit statuses and the errors that map to them."""
+"""The errors stopstep reports as one line on stderr, each with its exit status
+(the statuses themselves are defined once, in :mod:`stopstep_cli.outcome`)."""
 
 from __future__ import annotations
 
-# The exit statuses stopstep gives of its own (the README has the full table;
-# the command's own status and 128+n for signals come on top of these).
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_TARGET_NOT_REACHED = 3
-EXIT_OWN_FAILURE = 125
-EXIT_NOT_EXECUTABLE = 126
-EXIT_NOT_FOUND = 127
-EXIT_KILLED = 137  # 128 + SIGKILL: the tree had to be killed after the grace period
+from .outcome import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_OWN_FAILURE, EXIT_USAGE
 
 
 class StopstepError(Exception):

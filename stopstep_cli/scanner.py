@@ -20,41 +20,20 @@ from __future__ import annotations
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .observation import OUTPUT, Observation
 from .patterns import StepFormat, clean_line
 
 #: Bytes of one line that are read for a step; the rest passes through unread.
 MAX_LINE = 64 * 1024
 
 
-class Observation:
-    """One sighting of the global step, from any source.
-
-    ``fields`` holds the pattern's other named groups (``loss``) or, for a
-    checkpoint, ``checkpoint_step`` and ``checkpoint_path``; ``coalesced``
-    counts the step lines of the same read passed over for this one.
-    """
-
-    __slots__ = ("step", "fields", "source", "coalesced", "line", "time")
-
-    def __init__(self, step: int, fields: Optional[Dict[str, object]] = None, source: str = "",
-                 coalesced: int = 0, line: str = "", time: float = 0.0):
-        self.step = step
-        self.fields = {} if fields is None else fields
-        self.source = source
-        self.coalesced = coalesced
-        self.line = line
-        self.time = time  # time.monotonic() when it was seen
-
-    def __repr__(self) -> str:
-        return f"Observation(step={self.step}, fields={self.fields}, source={self.source!r})"
-
-
 class LineScanner:
     """Finds the latest step in the reads of one stream."""
 
-    def __init__(self, formats: Sequence[StepFormat], source: str, max_line: int = MAX_LINE):
+    def __init__(self, formats: Sequence[StepFormat], source: str, max_line: int = MAX_LINE, kind: str = OUTPUT):
         self.formats = tuple(formats)
         self.source = source
+        self.kind = kind
         self.max_line = max_line
         anchors = []
         for fmt in self.formats:
@@ -193,7 +172,7 @@ class LineScanner:
                 fields = {name: value for name, value in fields.items() if match.end(name) < len(text)}
             step = fmt.to_step(match, self.states[fmt.name])
             if step is not None:
-                return Observation(step, fields, self.source, 0, text.strip(), time.monotonic())
+                return Observation(step, fields, self.source, kind=self.kind, line=text.strip(), time=time.monotonic())
         return None
 
     def _match_partial(self, raw: bytes) -> Optional[Observation]:

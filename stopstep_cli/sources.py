@@ -1,7 +1,7 @@
 """Step sources beyond the command's own output: log files it writes and the
 checkpoint directories it saves to.
 
-Both turn what they see into :class:`~stopstep_cli.scanner.Observation`s for
+Both turn what they see into :class:`~stopstep_cli.observation.Observation`s for
 the supervision loop. They are driven from that one loop: with inotify,
 watchdog's observer thread only queues the paths that changed and wakes the
 loop through a pipe; with ``--poll`` the loop looks on a timer. watchdog is
@@ -22,7 +22,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from .layouts import Layout, detect_layout, make_layout
 from .patterns import StepFormat
-from .scanner import LineScanner, Observation
+from .observation import CHECKPOINT, LOG_FILE, Observation
+from .scanner import LineScanner
 
 #: How many 1 MiB reads of a log file one wake-up may take before yielding to the loop.
 LOG_READS_PER_TURN = 16
@@ -188,7 +189,7 @@ class LogFileSource(_Watched):
         self._opened = False
         self._identity = None
         self._offset = 0
-        self._scanner = LineScanner(self.formats, self.name)
+        self._scanner = LineScanner(self.formats, self.name, kind=LOG_FILE)
         self._buf = bytearray(1 << 20)
 
     def scan(self) -> None:
@@ -234,13 +235,13 @@ class LogFileSource(_Watched):
                 return out
             st = os.fstat(self._fd)  # the file opened, even if rotated again since the stat
             self._identity, self._offset = (st.st_dev, st.st_ino), 0
-            self._scanner = LineScanner(self.formats, self.name)
+            self._scanner = LineScanner(self.formats, self.name, kind=LOG_FILE)
             out += self._read()
         elif st is not None and self._fd is not None and st.st_size < self._offset:
             # Truncated in place: start over from its beginning.
             os.lseek(self._fd, 0, os.SEEK_SET)
             self._offset = 0
-            self._scanner = LineScanner(self.formats, self.name)
+            self._scanner = LineScanner(self.formats, self.name, kind=LOG_FILE)
             out += self._read()
         return out
 
@@ -426,11 +427,5 @@ class CheckpointSource(_Watched):
             self.next_due = due if self.next_due is None else min(self.next_due, due)
 
     def _observation(self, step: int) -> Observation:
-        return Observation(
-            step,
-            {"checkpoint_step": step, "checkpoint_path": self.last_path},
-            self.name,
-            0,
-            self.last_path or "",
-            time.monotonic(),
-        )
+        return Observation(step, source=self.name, kind=CHECKPOINT, path=self.last_path,
+                           line=self.last_path or "", time=time.monotonic())

@@ -23,7 +23,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from . import report as reasons
 from .console import Console
-from .errors import EXIT_KILLED, EXIT_TARGET_NOT_REACHED, StopstepError
+from .errors import StopstepError
+from .outcome import EXIT_KILLED, EXIT_TARGET_NOT_REACHED
 from .hooks import Coordinator, HookRunner, SessionRunHook, StopAtStepHook, TrainingSession
 from .patterns import StepFormat
 from .process import (
@@ -37,7 +38,8 @@ from .process import (
     status_to_exit_code,
 )
 from .report import RunReport
-from .scanner import LineScanner, Observation
+from .observation import Observation
+from .scanner import LineScanner
 
 READ_SIZE = 1 << 20
 EXIT_HOOK_FAILED = 5
@@ -443,12 +445,12 @@ class Supervisor:
         report = self.report
         if report.last_checkpoint_step is None or obs.step >= report.last_checkpoint_step:
             report.last_checkpoint_step = obs.step
-            report.last_checkpoint_path = obs.fields.get("checkpoint_path")
+            report.last_checkpoint_path = obs.path
 
     def _observe(self, obs: Observation) -> None:
         report = self.report
         report.observations_coalesced += obs.coalesced
-        if "checkpoint_step" in obs.fields:
+        if obs.is_checkpoint:
             self._note_checkpoint(obs)
             self.console.debug(f"checkpoint for step {obs.step} is complete: {obs.line}")
             if self._checkpoint_wait is not None and obs.step >= (report.target_step or 0):
@@ -475,6 +477,8 @@ class Supervisor:
         session.fields = obs.fields
         values = {"global_step": obs.step}
         values.update(obs.fields)
+        if obs.is_checkpoint:
+            values["checkpoint_step"], values["checkpoint_path"] = obs.step, obs.path
         report.observations += 1
         if self.progress is not None:
             self.progress.update(obs.step, report.target_step, obs.time)

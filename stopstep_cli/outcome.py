@@ -1,0 +1,201 @@
+"""One vocabulary for how a run ends: stop reasons, exit statuses, and the pure
+function from what happened to stopstep's exit status and summary line.
+
+Everything that decides or prints an outcome uses the names here; nothing else
+spells a reason or an exit status.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import NamedTuple, Optional
+
+# -- why a run ended (the report's ``reason``) ----------------------------------------
+
+TARGET_REACHED = "target_reached"  # the StopAtStepHook asked to stop
+PROCESS_EXITED = "process_exited"  # the command ended by itself, nobody asked
+SIGNAL = "signal"  # stopstep received a terminating signal (docker stop, Ctrl-C, SLURM)
+STALLED = "stalled"  # --stall-timeout / --first-step-timeout
+TIME_LIMIT = "time_limit"  # --time-limit
+NAN_LOSS = "nan_loss"  # --stop-on-nan
+HOOK_ERROR = "hook_error"  # a hook raised, overran --hook-timeout or asked for something impossible
+HOOK_REQUESTED = "hook_requested"  # a hook's request_stop() without a reason of its own
+CHECKPOINT_MISSING = "checkpoint_missing"  # --stop-after-checkpoint: the command exited before the checkpoint came
+
+# -- exit statuses ------------------------------------------------------------------------
+
+EXIT_USAGE = 2  # bad option, value or hook
+EXIT_TARGET_NOT_REACHED = 3  # --require-target and the command exited 0 before the target
+EXIT_NAN_LOSS = 4
+EXIT_HOOK_FAILED = 5
+EXIT_TIMEOUT = 124  # stalled or time limit, as coreutils timeout
+EXIT_OWN_FAILURE = 125  # stopstep's own failure
+EXIT_NOT_EXECUTABLE = 126
+EXIT_NOT_FOUND = 127
+EXIT_KILLED = 137  # 128 + SIGKILL: the tree needed SIGKILL after a stop that was otherwise a success
+
+#: The exit status each built-in reason gives (a hook's own reason gives the status it asked for).
+REASON_EXIT = {
+    TARGET_REACHED: 0,
+    STALLED: EXIT_TIMEOUT,
+    TIME_LIMIT: EXIT_TIMEOUT,
+    NAN_LOSS: EXIT_NAN_LOSS,
+    HOOK_ERROR: EXIT_HOOK_FAILED,
+}
+
+
+def exit_for_signal(signum: int) -> int:
+    """The shell's convention: 128 + n for signal n."""
+    return 128 + int(signum)
+
+
+def exit_status(returncode: int) -> int:
+    """A Popen-style return code (negative: killed by that signal) as a shell status."""
+    return exit_for_signal(-returncode) if returncode < 0 else returncode
+
+
+def signal_name(signum: Optional[int]) -> Optional[str]:
+    if signum is None:
+        return None
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def format_duration(seconds: float) -> str:
+    """``4.2 s``, ``12 s``, ``3m05s``, ``2h07m``."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs} s"
+
+
+def format_rate(steps_per_s: float) -> str:
+    """``1 step/s``, ``12.3 steps/s``, ``0.25 steps/s``."""
+    text = f"{steps_per_s:.3g}"
+    return f"{text} step/s" if text == "1" else f"{text} steps/s"
+
+
+# -- from what happened to how stopstep ends ----------------------------------------------------
+
+
+class RunFacts(NamedTuple):
+    """What happened, as the loop saw it; :func:`conclude` turns it into an outcome.
+
+    ``stop_reason`` is the first cause of a stop stopstep made (None when the
+    command ended by itself) and ``stop_exit_code`` the status that cause asks
+    for; ``received_signal`` the first terminating signal stopstep itself
+    received, in any phase; ``returncode`` the command's Popen-style status;
+    ``killed`` whether SIGKILL was needed.
+    """
+
+    stop_reason: Optional[str] = None
+    stop_exit_code: int = 0
+    received_signal: Optional[int] = None
+    returncode: Optional[int] = None
+    killed: bool = False
+    require_target: bool = False
+    target_step: Optional[int] = None
+    last_step_seen: Optional[int] = None
+    duration_s: float = 0.0
+    steps_per_s: Optional[float] = None
+    stop_signal: Optional[int] = None  # the signal stopstep sent to stop the tree, if any
+    stop_mode: Optional[str] = None  # "cooperative" or "signal" once stopstep stopped the command
+
+
+class Outcome(NamedTuple):
+    reason: str
+    exit_code: int
+    summary: str  # one line, at most SUMMARY_WIDTH characters
+
+
+SUMMARY_WIDTH = 100
+
+
+def target_reached(facts: RunFacts) -> bool:
+    return (facts.target_step is not None and facts.last_step_seen is not None
+            and facts.last_step_seen >= facts.target_step)
+
+
+def conclude(facts: RunFacts) -> Outcome:
+    """stopstep's exit status, the report's reason and the summary line, from the facts alone.
+
+    - The command ended by itself: its own status (128+n if signal n killed
+      it); ``--require-target`` turns a 0 before the target into 3.
+    - stopstep stopped it: the status the cause asks for (0 for the target,
+      124 stalled or time limit, 4 NaN, 5 a failed hook, a hook's own); a
+      success that needed SIGKILL is 137.
+    - ``--stop-after-checkpoint`` and the command exited before the
+      checkpoint came: its own status, or 1 if that was 0.
+    - A terminating signal stopstep received, in any phase: 128+n, whatever
+      else happened (the report keeps the first cause as the reason).
+    """
+    status = exit_status(facts.returncode) if facts.returncode is not None else None
+    if facts.stop_reason is None:
+        reason = PROCESS_EXITED
+        code = status if status is not None else EXIT_OWN_FAILURE
+        if code == 0 and facts.require_target and not target_reached(facts):
+            code = EXIT_TARGET_NOT_REACHED
+    elif facts.stop_reason == CHECKPOINT_MISSING:
+        reason = CHECKPOINT_MISSING
+        code = status if status else 1
+    else:
+        reason = facts.stop_reason
+        code = facts.stop_exit_code
+        if facts.killed and code == 0:
+            code = EXIT_KILLED
+    if facts.received_signal is not None:
+        code = exit_for_signal(facts.received_signal)
+    return Outcome(reason, code, _summary(facts, reason, code, status))
+
+
+def _summary(facts: RunFacts, reason: str, code: int, status: Optional[int]) -> str:
+    seen = "none" if facts.last_step_seen is None else str(facts.last_step_seen)
+    target = facts.target_step
+    if reason == PROCESS_EXITED:
+        if status == 0 and (target is None or target_reached(facts)):
+            head = f"command finished at step {seen}"
+        elif target is not None:
+            head = f"command exited {status} before step {target} (last step {seen})"
+        else:
+            head = f"command exited {status} at step {seen}"
+        parts = [head]
+    else:
+        if reason == TARGET_REACHED:
+            head = f"reached step {seen} (target {target})"
+        elif reason == SIGNAL:
+            head = f"stopped by {signal_name(facts.received_signal)} at step {seen}"
+        elif reason == CHECKPOINT_MISSING:
+            head = f"no checkpoint at or past step {target} came (last step {seen})"
+        else:
+            head = f"stopped ({reason}) at step {seen}"
+        if facts.received_signal is not None and reason != SIGNAL:
+            head += f", then got {signal_name(facts.received_signal)}"
+        parts = [head, _how_it_ended(facts, status)]
+    parts.append(f"ran {format_duration(facts.duration_s)}")
+    rate = f"{format_rate(facts.steps_per_s)}" if facts.steps_per_s else None
+    tail = f"exit {code}"
+    line = "; ".join(parts + ([rate] if rate else []) + [tail])
+    if len(line) > SUMMARY_WIDTH:
+        line = "; ".join(parts + [tail])
+    return line[:SUMMARY_WIDTH]
+
+
+def _how_it_ended(facts: RunFacts, status: Optional[int]) -> str:
+    if facts.killed:
+        return "tree killed with SIGKILL"
+    if status is None:
+        return "command status unknown"
+    if facts.stop_mode == "cooperative":
+        return f"command stopped itself, exit {status}"
+    if facts.stop_signal is not None:
+        return f"command exited {status} on {signal_name(facts.stop_signal)}"
+    return f"command exited {status}"
