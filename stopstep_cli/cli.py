@@ -16,7 +16,7 @@ from .outcome import EXIT_USAGE
 from .hooks import StopAtStepHook
 from .layouts import LAYOUT_NAMES, make_layout
 from .patterns import PRESETS, PatternError, compile_user_pattern, resolve_formats
-from .process import parse_signal
+from .signals import parse_stop_signal
 from .report import check_report_path, write_report
 
 # Options end at the command's first word, so its own options stay its own.
@@ -28,7 +28,7 @@ class _SignalType(click.ParamType):
 
     def convert(self, value, param, ctx):
         try:
-            return parse_signal(value)
+            return parse_stop_signal(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
@@ -87,6 +87,8 @@ def cli() -> None:
               help="A SessionRunHook of yours: module:Class or path/to/file.py:Class. Repeatable.")
 @click.option("--hook-arg", "hook_args", multiple=True, metavar="KEY=VALUE",
               help="A constructor argument for the --hook classes that take it. Repeatable.")
+@click.option("--hook-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              metavar="SECONDS", help="A hook call that has not returned after this long is a failed hook (exit 5).")
 @click.option("--subreaper/--no-subreaper", default=True, show_default=True,
               help="Adopt and reap orphaned descendants (always on as PID 1).")
 @click.option("--tty", type=click.Choice(("auto", "always", "never")), default="auto", show_default=True,
@@ -148,23 +150,30 @@ def run(**opts) -> int:
         stop_after_checkpoint=opts["stop_after_checkpoint"],
         max_restarts=opts["max_restarts"],
         restart_delay=opts["restart_delay"],
-        subreaper=opts["subreaper"],
+        subreaper=opts["subreaper"],  # on by default from the command line
         tty=opts["tty"],
         foreground=True,
         progress=_progress(opts),
+        hook_timeout=opts["hook_timeout"],
+        guardian=True,
     )
-    report = supervisor.run()
-    if opts["report_path"]:
-        try:
-            write_report(opts["report_path"], report)
-        except StopstepError as exc:
-            console.error(str(exc))
-            if report.exit_code == 0:
-                report.exit_code = exc.exit_code
-    from .progress import github_step_summary
 
-    github_step_summary(report)
-    return report.exit_code
+    def publish(report) -> int:
+        if opts["report_path"]:
+            try:
+                write_report(opts["report_path"], report)
+            except StopstepError as exc:
+                console.error(str(exc))
+                if report.exit_code == 0:
+                    report.exit_code = exc.exit_code
+        from .progress import github_step_summary
+
+        github_step_summary(report)
+        return report.exit_code
+
+    # The main thread is stuck in a hook that will not come back; the tree is down: end here.
+    supervisor.on_abandon = lambda report: _exit_now(publish(report))
+    return publish(supervisor.run())
 
 
 def _hooks(opts) -> list:
@@ -284,7 +293,10 @@ def _error(text: str) -> None:
 
 
 def entry_point() -> None:
-    code = main()
+    _exit_now(main())
+
+
+def _exit_now(code: int) -> None:
     # Skip interpreter teardown: the tree is down and the report written, and
     # a supervisor's exit should not cost the job milliseconds of GC.
     for stream in (sys.stdout, sys.stderr):

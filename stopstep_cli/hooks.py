@@ -13,13 +13,14 @@ observation. The supervisor calls, for every hook in order:
 - ``end(session)`` when the run ends normally or by a requested stop (not when
   the command crashed or stopstep was interrupted).
 
-A stop requested by any hook takes effect after every hook's ``after_run``.
-``../shared/reference/tf-hooks.md`` has the TensorFlow semantics this follows.
+A stop requested by any hook takes effect after every hook's ``after_run``, as
+in TensorFlow's ``MonitoredSession`` (``tensorflow/python/training/monitored_session.py``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, List, Mapping, NamedTuple, Optional, Sequence
+import math
+from typing import Any, Callable, Iterable, List, Mapping, NamedTuple, Optional, Sequence
 
 
 class SessionRunArgs(NamedTuple):
@@ -68,13 +69,27 @@ class SessionRunContext:
 
         ``reason``, ``exit_code`` and ``message`` are stopstep's extension: the
         report's ``reason``, stopstep's exit status, and the line it prints.
-        The first request wins.
+        The first request wins. A reason that is not a string or an exit code
+        outside 0-255 raises here, in the hook that asked.
         """
+        check_stop_request(reason, exit_code, message)
         if not self._stop_requested:
             self.stop_reason = reason or "hook_requested"
             self.stop_exit_code = exit_code
             self.stop_message = message
         self._stop_requested = True
+
+
+def check_stop_request(reason: object, exit_code: object, message: object) -> None:
+    """What ``request_stop`` accepts: a string reason (or None), an exit status 0-255, a string message."""
+    if reason is not None and not isinstance(reason, str):
+        raise TypeError(f"request_stop(reason=...) must be a string, not {type(reason).__name__}")
+    if isinstance(exit_code, bool) or not isinstance(exit_code, int):
+        raise TypeError(f"request_stop(exit_code=...) must be an int, not {type(exit_code).__name__}")
+    if not 0 <= exit_code <= 255:
+        raise ValueError(f"request_stop(exit_code={exit_code}) is not an exit status (0 to 255)")
+    if message is not None and not isinstance(message, str):
+        raise TypeError(f"request_stop(message=...) must be a string, not {type(message).__name__}")
 
 
 class TrainingSession:
@@ -108,6 +123,7 @@ class Coordinator:
 
     def request_stop(self, reason: Optional[str] = None, exit_code: int = 0, message: Optional[str] = None) -> None:
         """Stop the run at the next chance (same arguments as SessionRunContext.request_stop)."""
+        check_stop_request(reason, exit_code, message)
         if not self._stop:
             self.reason = reason or "hook_requested"
             self.exit_code = exit_code
@@ -195,46 +211,87 @@ def resolve_fetches(fetches: Any, values: Mapping[str, object]) -> Any:
     raise TypeError(f"fetch {fetches!r} is not a name, list, tuple or dict")
 
 
-class HookRunner:
-    """Calls a list of hooks through the lifecycle, in order."""
+class HookFailed(Exception):
+    """A hook raised (anything, SystemExit and KeyboardInterrupt included), did not
+    return in time, or broke the contract (a ``deadline()`` that is not a number)."""
 
-    def __init__(self, hooks: Iterable[SessionRunHook]):
+    def __init__(self, hook: object, method: str, error: BaseException, where: Optional[str] = None):
+        self.hook, self.method, self.error = hook, method, error
+        self.where = where or f"{type(hook).__name__}.{method}"
+        super().__init__(f"hook {self.where} failed: {type(error).__name__}: {error}")
+
+
+def call_contained(hook: object, method: str, *args: Any) -> Any:
+    """Call one hook method; whatever it raises becomes :class:`HookFailed`."""
+    try:
+        return getattr(hook, method)(*args)
+    except BaseException as exc:  # noqa: B902 - a hook must not end stopstep, whatever it raises
+        raise HookFailed(hook, method, exc) from exc
+
+
+class HookRunner:
+    """Calls a list of hooks through the lifecycle, in order.
+
+    Every call goes through ``call(hook, method, *args)`` (by default
+    :func:`call_contained`; the supervisor adds a time bound): a failing hook
+    surfaces as :class:`HookFailed`, never as the hook's own exception.
+    """
+
+    def __init__(self, hooks: Iterable[SessionRunHook], call: Callable[..., Any] = call_contained):
         self.hooks: List[SessionRunHook] = list(hooks)
+        self.call = call
         self._woken: dict = {}  # hook id -> the deadline it was last woken for
+        self.timed = [h for h in self.hooks if getattr(type(h), "deadline", None) is not SessionRunHook.deadline]
 
     def begin(self) -> None:
         for hook in self.hooks:
-            hook.begin()
+            self.call(hook, "begin")
 
     def after_create_session(self, session: TrainingSession, coord: Coordinator) -> None:
         for hook in self.hooks:
-            hook.after_create_session(session, coord)
+            self.call(hook, "after_create_session", session, coord)
 
     def run(self, session: TrainingSession, values: Mapping[str, object]) -> SessionRunContext:
         """One observation through before_run and after_run of every hook."""
         ctx = SessionRunContext(SessionRunArgs(list(values)), session)
-        requests = [hook.before_run(ctx) for hook in self.hooks]
+        call = self.call
+        requests = [call(hook, "before_run", ctx) for hook in self.hooks]
         for hook, args in zip(self.hooks, requests):
-            fetches = args.fetches if args is not None else None
-            hook.after_run(ctx, SessionRunValues(resolve_fetches(fetches, values)))
+            if args is None:
+                fetches = None
+            elif isinstance(args, SessionRunArgs) or hasattr(args, "fetches"):
+                fetches = args.fetches
+            else:
+                raise HookFailed(hook, "before_run", TypeError(
+                    f"before_run returned {type(args).__name__}, not SessionRunArgs or None"))
+            try:
+                results = resolve_fetches(fetches, values)
+            except TypeError as exc:
+                raise HookFailed(hook, "before_run", exc) from None
+            call(hook, "after_run", ctx, SessionRunValues(results))
         return ctx
 
     def end(self, session: TrainingSession) -> None:
         for hook in self.hooks:
-            hook.end(session)
+            self.call(hook, "end", session)
 
     def next_deadline(self) -> Optional[float]:
-        deadlines = [d for d in (self._due(hook) for hook in self.hooks) if d is not None]
+        deadlines = [d for d in (self._due(hook) for hook in self.timed) if d is not None]
         return min(deadlines) if deadlines else None
 
     def on_deadlines(self, session: TrainingSession, coord: Coordinator, now: float) -> None:
         """Wake every hook whose deadline has passed, in order, once per deadline."""
-        for hook in self.hooks:
+        for hook in self.timed:
             deadline = self._due(hook)
             if deadline is not None and deadline <= now:
                 self._woken[id(hook)] = deadline
-                hook.on_deadline(session, coord)
+                self.call(hook, "on_deadline", session, coord)
 
     def _due(self, hook: SessionRunHook) -> Optional[float]:
-        deadline = hook.deadline()
-        return None if deadline is None or self._woken.get(id(hook)) == deadline else deadline
+        deadline = self.call(hook, "deadline")
+        if deadline is None:
+            return None
+        if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline):
+            raise HookFailed(hook, "deadline", TypeError(
+                f"deadline() returned {deadline!r}, not a time.monotonic() time or None"))
+        return None if self._woken.get(id(hook)) == deadline else float(deadline)

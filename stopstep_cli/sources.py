@@ -24,37 +24,10 @@ from .layouts import Layout, detect_layout, make_layout
 from .patterns import StepFormat
 from .observation import CHECKPOINT, LOG_FILE, Observation
 from .scanner import LineScanner
+from .waker import Waker
 
 #: How many 1 MiB reads of a log file one wake-up may take before yielding to the loop.
 LOG_READS_PER_TURN = 16
-
-
-class Waker:
-    """A pipe the loop polls; any thread may wake it. A byte per wake-up, no
-    flag to keep in step: a full pipe already means "wake up"."""
-
-    def __init__(self) -> None:
-        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-
-    def fileno(self) -> int:
-        return self._r
-
-    def wake(self) -> None:
-        try:
-            os.write(self._w, b"!")
-        except BlockingIOError:
-            pass
-
-    def clear(self) -> None:
-        try:
-            while os.read(self._r, 65536):
-                pass
-        except BlockingIOError:
-            pass
-
-    def close(self) -> None:
-        os.close(self._r)
-        os.close(self._w)
 
 
 #: watchdog event types that can change what a directory holds.
@@ -121,10 +94,46 @@ def _nearest_existing(path: str) -> str:
     return path
 
 
-class _Watched:
-    """Shared by the file sources: where to watch, how often to poll."""
+class StepSource:
+    """What every step source beyond the command's output does for the loop.
+
+    - ``resume_point()`` before the launch: the latest complete checkpoint, the
+      step a resumed run starts at (None for sources that have none); a log file
+      opens itself here, so what the command writes from its first instant counts;
+    - ``start(watcher)`` after the launch: begin watching (inotify through
+      ``watcher``, or polling when it is None); the observations already due;
+    - ``on_change(paths)`` when the watcher saw these paths change, and
+      ``tick(now)`` when ``next_due`` has come (polling, a second look);
+    - ``final()`` once the command is gone: the last lines, the last checkpoint;
+    - ``close()``.
+    """
 
     name = ""
+    kind = ""
+    poll: Optional[float] = None
+    next_due: Optional[float] = None
+
+    def resume_point(self) -> Optional[Observation]:
+        return None
+
+    def start(self, watcher: Optional["FileWatcher"]) -> List[Observation]:
+        return []
+
+    def on_change(self, paths: Iterable[str]) -> List[Observation]:
+        return []
+
+    def tick(self, now: float) -> List[Observation]:
+        return []
+
+    def final(self) -> List[Observation]:
+        return self.on_change(())
+
+    def close(self) -> None:
+        pass
+
+
+class _Watched(StepSource):
+    """Shared by the file sources: where to watch, how often to poll."""
 
     def __init__(self, poll: Optional[float]):
         self.poll = poll
@@ -162,10 +171,7 @@ class _Watched:
             self.next_due = now + self.poll
         else:
             self.next_due = None
-        return self.refresh(())
-
-    def refresh(self, paths: Iterable[str]) -> List[Observation]:
-        raise NotImplementedError
+        return self.on_change(())
 
     def close(self) -> None:
         if self._watcher is not None and self._handle is not None:
@@ -177,6 +183,8 @@ class LogFileSource(_Watched):
     """Follows a log file like ``tail -F``: it may not exist yet, may be
     truncated or rotated; only what is written after launch counts unless
     ``from_start``."""
+
+    kind = LOG_FILE
 
     def __init__(self, path: str, formats: Sequence[StepFormat], from_start: bool = False,
                  poll: Optional[float] = None):
@@ -192,32 +200,33 @@ class LogFileSource(_Watched):
         self._scanner = LineScanner(self.formats, self.name, kind=LOG_FILE)
         self._buf = bytearray(1 << 20)
 
-    def scan(self) -> None:
+    def resume_point(self) -> None:
         """Before the launch: open the file as it is, so that what the command
         writes from its first instant on counts, and what was there does not."""
         if self._opened:
-            return  # a restart: go on reading where we are
+            return None  # a restart: go on reading where we are
         self._opened = True
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            return  # not there yet: everything it will hold is written after launch
+            return None  # not there yet: everything it will hold is written after launch
         st = os.fstat(fd)
         self._fd, self._identity = fd, (st.st_dev, st.st_ino)
         self._offset = 0 if self.from_start else st.st_size
         os.lseek(fd, self._offset, os.SEEK_SET)
+        return None
 
     def start(self, watcher: Optional[FileWatcher]) -> List[Observation]:
         """After the launch: watch the file's directory and read what is new."""
-        self.scan()
+        self.resume_point()
         self._watcher = watcher
         self._rewatch()
-        return self.refresh(())
+        return self.on_change(())
 
     def _rewatch(self) -> None:
         self._follow(os.path.dirname(self.path), False)
 
-    def refresh(self, paths: Iterable[str]) -> List[Observation]:
+    def on_change(self, paths: Iterable[str]) -> List[Observation]:
         out: List[Observation] = []
         self._rewatch()  # the directory may have appeared
         try:
@@ -273,6 +282,8 @@ class CheckpointSource(_Watched):
     """Watches a checkpoint directory; every checkpoint that becomes complete
     is an observation of its step."""
 
+    kind = CHECKPOINT
+
     def __init__(self, root: str, layout: str = "auto", pattern: Optional[str] = None,
                  poll: Optional[float] = None, settle: float = 1.0):
         super().__init__(poll)
@@ -291,7 +302,7 @@ class CheckpointSource(_Watched):
 
     # -- at launch ---------------------------------------------------------------
 
-    def scan(self) -> Optional[Observation]:
+    def resume_point(self) -> Optional[Observation]:
         """The latest complete checkpoint now: the step a resumed run starts at."""
         found = self._list()
         complete = None
@@ -309,7 +320,7 @@ class CheckpointSource(_Watched):
     def start(self, watcher: Optional[FileWatcher]) -> List[Observation]:
         self._watcher = watcher
         self._rewatch()  # watchdog sets up inotify before schedule() returns
-        return self.refresh((), everything=True)  # what appeared between the scan and the watch
+        return self.on_change((), everything=True)  # what appeared between the scan and the watch
 
     def _rewatch(self) -> None:
         self._follow(self.root, True)
@@ -353,7 +364,10 @@ class CheckpointSource(_Watched):
 
     # -- while running -------------------------------------------------------------
 
-    def refresh(self, paths: Iterable[str], everything: bool = False) -> List[Observation]:
+    def final(self) -> List[Observation]:
+        return self.on_change((), everything=True)
+
+    def on_change(self, paths: Iterable[str], everything: bool = False) -> List[Observation]:
         names: Optional[set]
         if not self._root_seen and self._follow(self.root, True):
             names = None  # the directory just appeared: look at all of it

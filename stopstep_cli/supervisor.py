@@ -1,13 +1,16 @@
-"""The supervision loop: one thread, one ``poll``.
+"""The supervision loop: one main thread, explicit phases, one ``poll``.
 
-It pumps the command's output through (scanning each read for steps), takes
-steps from the other sources (log files, checkpoint directories), feeds every
-new step through the hooks, wakes hooks whose deadline came (stall, time
-limit), acts on stop requests, passes signals on, brings the process tree
-down, and restarts a crashed command when asked to. The stop signal is sent
-the moment a hook asks for it, before the read that carried the step is even
-written out; everything slower (walking the process tree, messages) comes
-after.
+The loop pumps the command's output (scanning each read for steps), takes
+steps from the other sources, feeds every new step through the hooks, wakes
+hooks whose deadline came (stall, time limit), and acts on stop requests by
+starting the stop sequence. It is the only place the phase changes
+(:meth:`Supervisor._enter`), and :class:`~stopstep_cli.phases.Timers` is the
+only place it keeps what it must do later.
+
+What must happen even when this thread is held up (by a hook, a blocked write,
+a flood of output) happens on the sentinel's thread: signals passed on, the
+grace period's SIGKILL, interrupting an overrunning hook. How the run ends is
+decided from the facts by :func:`~stopstep_cli.outcome.conclude`.
 """
 
 from __future__ import annotations
@@ -19,56 +22,31 @@ import signal
 import sys
 import time
 import traceback
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
-from . import report as reasons
+from . import outcome
 from .console import Console
 from .errors import StopstepError
-from .outcome import EXIT_KILLED, EXIT_TARGET_NOT_REACHED
-from .hooks import Coordinator, HookRunner, SessionRunHook, StopAtStepHook, TrainingSession
-from .patterns import StepFormat
-from .process import (
-    FORWARDED_SIGNALS,
-    TERMINATING_SIGNALS,
-    ProcessTree,
-    SignalInbox,
-    all_catchable_signals,
-    become_subreaper,
-    ensure_standard_fds,
-    status_to_exit_code,
-)
-from .report import RunReport
+from .hooks import Coordinator, HookFailed, HookRunner, SessionRunHook, StopAtStepHook, TrainingSession
 from .observation import Observation
-from .scanner import LineScanner
+from .outcome import RunFacts, conclude
+from .patterns import StepFormat, resolve_formats
+from .phases import Phase, Timers, check_move
+from .process import Guardian, ProcessTree, Subreaper, ensure_standard_fds
+from .pump import OutputPump, Stream
+from .report import RunReport
+from .restart import RestartPolicy
+from .sentinel import CHILD, OVERRUN, SIGNAL_RECEIVED, STOP_PROGRESS, WINCH, Event, Overrun, Sentinel
+from .signals import FORWARDED_SIGNALS, all_catchable_signals
+from .stop_sequence import StopSequence
 
-READ_SIZE = 1 << 20
-EXIT_HOOK_FAILED = 5
-#: How often the process tree is walked while it is being brought down.
-TREE_CHECK_FIRST = 0.005
-TREE_CHECK_MAX = 0.1
-
-
-def _describe(proc) -> str:
-    try:
-        return f"{proc.pid} ({proc.name()}, {proc.status()})"
-    except Exception:
-        return str(proc.pid)
-
-
-class HookFailed(StopstepError):
-    exit_code = EXIT_HOOK_FAILED
+#: How long the pipes may take to give up what they still hold once the tree is down.
+DRAIN_LIMIT = 3.0
 
 
-class _Stream:
-    """One output stream of the command: where it is read and where it goes."""
-
-    def __init__(self, name: str, in_fd: int, out_fd: int, scanner: LineScanner):
-        self.name = name
-        self.in_fd = in_fd
-        self.out_fd = out_fd
-        self.scanner = scanner
-        self.open = True
-        self.to_terminal = False
+class StopCause(NamedTuple):
+    reason: str
+    exit_code: int
 
 
 class Supervisor:
@@ -76,12 +54,15 @@ class Supervisor:
 
     ``target`` is the :class:`StopAtStepHook` whose ``last_step`` the report
     calls ``target_step`` (it runs first, before ``hooks``). ``sources`` are
-    extra step sources (:class:`~stopstep_cli.sources.LogFileSource`,
-    :class:`~stopstep_cli.sources.CheckpointSource`); the latest complete
+    extra step sources (log files, checkpoint directories); the latest complete
     checkpoint at launch is the step the run starts at. With
     ``stop_after_checkpoint``, a reached target waits (up to the grace period)
-    for a complete checkpoint at or past it before the stop signal goes out.
+    for a complete checkpoint at or past it before the stop goes out.
     ``max_restarts`` restarts a command that exits non-zero before the target.
+    A hook call that has not returned after ``hook_timeout`` seconds is a failed
+    hook. ``subreaper`` adopts orphaned descendants (the command line turns it
+    on; from Python it is off unless asked); ``guardian`` starts a small process
+    that brings the tree down if stopstep itself is SIGKILLed.
     :meth:`run` returns a :class:`RunReport`; its ``exit_code`` is stopstep's status.
     """
 
@@ -101,16 +82,16 @@ class Supervisor:
         stop_after_checkpoint: bool = False,
         max_restarts: int = 0,
         restart_delay: float = 0.0,
-        subreaper: bool = True,
+        subreaper: bool = False,
         tty: str = "never",
         foreground: bool = False,
         progress=None,
+        hook_timeout: float = 60.0,
+        guardian: bool = False,
     ):
-        from .patterns import resolve_formats
-
         self.argv = list(argv)
         self.target = target
-        self.runner = HookRunner(([target] if target else []) + list(hooks))
+        self.runner = HookRunner(([target] if target else []) + list(hooks), call=self._call_hook)
         self.formats = tuple(formats) or resolve_formats()
         self.stop_signal = signal.Signals(stop_signal)
         self.grace_period = float(grace_period)
@@ -120,56 +101,35 @@ class Supervisor:
         self.console = console or Console()
         self.sources = list(sources)
         self.stop_after_checkpoint = stop_after_checkpoint
-        self.max_restarts = max_restarts
-        self.restart_delay = restart_delay
-        self.subreaper = subreaper
-        self.tty = tty
-        self.foreground_wanted = foreground
+        self.restarts = RestartPolicy(max_restarts, restart_delay)
+        self.subreaper, self.guardian_wanted = subreaper, guardian
+        self.tty, self.foreground_wanted = tty, foreground
         self.progress = progress
+        self.hook_timeout = float(hook_timeout)
+        self.on_abandon: Optional[Callable[[RunReport], None]] = None  # the main thread is lost: last words
+
         self.coord = Coordinator()
         self.session = TrainingSession(self.argv, start_step=start_step)
         self.report = RunReport(command=self.argv, start_step=start_step)
-
-        self._buf = bytearray(READ_SIZE)
-        self._view = memoryview(self._buf)
+        self.phase = Phase.STARTING
+        self.timers = Timers()
+        self.cause: Optional[StopCause] = None  # the first reason a stop was asked for
+        self.hook_error: Optional[HookFailed] = None
+        self.global_step: Optional[int] = start_step
+        self.tree: Optional[ProcessTree] = None
+        self.sequence: Optional[StopSequence] = None
+        self.pump = OutputPump(self.formats, self._say, progress, self._guard_write)
         self._poller = select.poll()
-        self._inbox: Optional[SignalInbox] = None
-        self._waker = None
-        self._watcher = None
-        self._sources_started = False
-        self._foreground = None
-        self._started = 0.0
-        self._first_seen_at: Optional[float] = None
-        self._last_seen_at: Optional[float] = None
-        self._stop_requested = False  # hooks asked to stop (or a signal came): no more hook runs
-        self._stop_exit_code = 0
-        self._checkpoint_wait: Optional[float] = None  # stop deferred for a checkpoint until then
-        self._pending: List[str] = []  # messages held until the output is written
-        self._stderr_mid_line = False  # the command's stderr left a line open (a progress bar)
-        self._hook_error: Optional[BaseException] = None
-        # hooks that want to be woken on a timer (stall, time limit), not only by steps
-        self._timed_hooks = [h for h in self.runner.hooks if type(h).deadline is not SessionRunHook.deadline]
-        self._next_timer = 0.0
-        self._new_attempt(start_step)
+        self._sentinel: Optional[Sentinel] = None
+        self._watcher = self._file_waker = None
+        self._foreground = self._guardian = None
+        self._subreaper = Subreaper()
+        self._pending: List[str] = []  # our messages, held until the read that caused them is written
+        self._source_steps: Dict[str, int] = {}
+        self._first_seen_at = self._last_seen_at = None
+        self._started = self._attempt_started = 0.0
 
-    def _new_attempt(self, start_step: Optional[int]) -> None:
-        """State of one run of the command (restarts get a fresh one)."""
-        self.tree = ProcessTree(self.argv, self.env, death_signal=self.stop_signal)
-        self._streams: Dict[int, _Stream] = {}
-        self._global_step: Optional[int] = start_step
-        self._source_steps: Dict[str, int] = {}  # the last step each source saw
-        self._stopping = False  # the stop signal (or a terminating signal) went out
-        self._deadline: Optional[float] = None  # SIGKILL after this
-        self._exited = False  # the command itself has exited
-        self._leftovers_signalled = False
-        self._next_tree_check = 0.0
-        self._tree_check_interval = TREE_CHECK_FIRST
-        self._done = False
-        self._attempt_started = time.monotonic()
-        self._child_changed = True  # look at the command at the first turn
-        self._next_child_check = 0.0
-
-    # -- the run ------------------------------------------------------------
+    # -- the run --------------------------------------------------------------------
 
     def run(self) -> RunReport:
         if not sys.platform.startswith("linux"):
@@ -177,304 +137,319 @@ class Supervisor:
         self._started = time.monotonic()
         ensure_standard_fds()
         pid1 = os.getpid() == 1
-        self._inbox = SignalInbox(all_catchable_signals() if pid1 else FORWARDED_SIGNALS)
-        self._poller.register(self._inbox.fileno(), select.POLLIN)
+        self._sentinel = Sentinel(all_catchable_signals() if pid1 else FORWARDED_SIGNALS,
+                                  check_interval=min(1.0, self.hook_timeout / 4), write_limit=DRAIN_LIMIT)
+        self._sentinel.on_abandon = self._abandon if self.on_abandon is not None else None
+        self._poller.register(self._sentinel.loop_waker.fileno(), select.POLLIN)
         self.console.before_write = self._before_message
         try:
+            self._sentinel.start()
             if self.subreaper or pid1:
-                become_subreaper()
+                self._subreaper.enable()
             if self.foreground_wanted:
                 from .terminal import Foreground
 
-                self._foreground = Foreground(0)
-            self._call_hooks("begin", self.runner.begin)
-            if self._hook_error is not None:
-                raise HookFailed(str(self._hook_error))
-            while True:
-                self._launch()
-                while not self._done:
+                self._foreground = self._sentinel.foreground = Foreground(0)
+            self._run_hooks(self.runner.begin)
+            while self.phase is not Phase.DONE:
+                if self.phase is Phase.STARTING:
+                    self._launch()
+                else:
                     self._turn()
-                self._end_attempt()
-                if not self._restart():
-                    break
             self._finish()
         finally:
-            for stream in list(self._streams.values()):
-                self._close(stream)
-            self._stop_sources()
-            if self._foreground is not None:
-                self._foreground.restore()
-            if self.progress is not None:
-                self.progress.clear()
-            self._inbox.close()
+            self._tidy_up()
         return self.report
+
+    def _enter(self, phase: Phase) -> None:
+        """The one place the phase changes."""
+        check_move(self.phase, phase)
+        self.console.debug(f"phase: {self.phase.value} -> {phase.value}")
+        self.phase = phase
 
     def _launch(self) -> None:
         """Start (or restart) the command and open its session."""
-        self._resume_point()
-        from .terminal import wants_pty
+        from .terminal import is_terminal, wants_pty
 
+        self._on_sentinel_events()  # a signal that came before the launch ends the run here
+        if self.phase is not Phase.STARTING:
+            return
+        self._resume_point()
         foreground = self._foreground if self._foreground is not None and self._foreground.active else None
-        self.tree.spawn(
-            stdout_pty=wants_pty(self.tty, 1),
-            stderr_pty=wants_pty(self.tty, 2),
-            child_setup=foreground.child_setup if foreground else None,
-        )
+        tree = self.tree = ProcessTree(self.argv, self.env, self.stop_signal,
+                                       adopts_orphans=self.subreaper or os.getpid() == 1,
+                                       foreign=self._foreign_pids())
+        self.sequence = StopSequence(tree, self.stop_signal, self.grace_period, notify=self._sentinel_says)
+        tree.spawn(stdout_pty=wants_pty(self.tty, 1), stderr_pty=wants_pty(self.tty, 2),
+                   child_setup=foreground.child_setup if foreground else None)
+        self._sentinel.attach(tree, self.sequence)
+        self._attempt_started = time.monotonic()
         if foreground:
-            foreground.attach(self.tree.pid)
-        self.report.pid = self.session.pid = self.tree.pid
-        self.console.debug(f"started pid {self.tree.pid}: {' '.join(self.argv)}")
-        self._add_stream("stdout", self.tree.stdout_fd, 1)
-        self._add_stream("stderr", self.tree.stderr_fd, 2)
-        if not self._sources_started:
-            self._start_sources()  # after the spawn: the command is not forked from a threaded process
-        self.tree.prepare_walks()  # while the command starts up, not when stopping
-        # What start-up made (click, psutil, the hooks, the formats) lives until the end:
-        # keep the collector from walking it again on every full collection in the loop.
-        gc.freeze()
-        self._call_hooks("after_create_session", lambda: self.runner.after_create_session(self.session, self.coord))
+            foreground.attach(tree.pid)
+        if self.guardian_wanted and self._guardian is None and os.getpid() != 1:
+            self._guardian = Guardian(self.stop_signal, self.grace_period)
+            self._guardian.start()
+            tree.foreign = tree.foreign | {self._guardian.pid}
+        if self._guardian is not None:
+            self._guardian.watch(tree.pid)
+        self.report.pid = self.session.pid = tree.pid
+        self.console.debug(f"started pid {tree.pid}: {' '.join(self.argv)}")
+        status_line = self.progress is not None and self.progress.status_line
+        for name, in_fd, out_fd in (("stdout", tree.stdout_fd, 1), ("stderr", tree.stderr_fd, 2)):
+            self.pump.add(name, in_fd, out_fd, to_terminal=status_line and is_terminal(out_fd))
+            self._poller.register(in_fd, select.POLLIN)
+        if tree.pidfd is not None:
+            self._poller.register(tree.pidfd, select.POLLIN)
+        else:
+            self.timers.set("child_check", time.monotonic() + 1.0)  # SIGCHLD can be lost to a full pipe
+        self._enter(Phase.RUNNING)
+        seen_at_start: List[Observation] = []
+        if not self.report.attempts:
+            seen_at_start = self._start_sources()
+            # What start-up made (click, the hooks, the formats) lives until the end:
+            # keep the collector from walking it again on every full collection.
+            gc.freeze()
+        self._run_hooks(lambda: self.runner.after_create_session(self.session, self.coord))
         self.report.target_step = self.target.last_step if self.target else None
-        if self._hook_error is not None:
-            self._request_stop("hook_error", EXIT_HOOK_FAILED)
-        elif self.coord.should_stop():
-            self._request_stop(self.coord.reason, self.coord.exit_code, message=self.coord.message)
+        if self.coord.should_stop():
+            self._request_stop(self.coord.reason, self.coord.exit_code, self.coord.message)
+        self._observe(seen_at_start)  # after after_create_session, as every step
+        self._plan_wakes()
 
     def _turn(self) -> None:
         """One wake-up of the loop. The common case, a line of output, costs a
-        poll, a read, a scan, the hooks and a write: the timers and the process
-        table are looked at only when they can have something to say."""
-        for fd, _events in self._poller.poll(self._timeout_ms()):
-            if fd in self._streams:
-                self._pump(self._streams[fd])
-            elif fd == self._inbox.fileno():
-                self._on_signals(self._inbox.drain())
-            elif self._waker is not None and fd == self._waker.fileno():
+        poll, a read, a scan, the hooks and a write."""
+        if self.phase is Phase.DRAINING:
+            self._end_attempt()
+            return
+        due = self.timers.next()
+        timeout = None if due is None else max(0.0, min(due - time.monotonic(), 3600.0)) * 1000.0
+        for fd, _events in self._poller.poll(timeout):
+            stream = self.pump.streams.get(fd)
+            if stream is not None:
+                self._pump(stream)
+            elif fd == self._sentinel.loop_waker.fileno():
+                self._on_sentinel_events()
+            elif self._file_waker is not None and fd == self._file_waker.fileno():
                 self._on_file_events()
-        now = time.monotonic()
-        if self._next_timer <= now:
-            self._on_timers(now)
-        if self._child_changed or now >= self._next_child_check:
-            # SIGCHLD came (or a slow safety look is due: a signal byte can be lost to a full pipe)
-            self._child_changed = False
-            self._next_child_check = now + 1.0
-            if self._foreground is not None and self.tree.poll_stopped():
-                self._foreground.suspend(self.tree)  # Ctrl-Z: returns once we are continued
-            if not self._exited and self.tree.poll_exit() is not None:
+            elif self.tree is not None and fd == self.tree.pidfd:
+                self._poller.unregister(fd)
                 self._on_command_exit()
-        if self._stopping or self._exited:
-            self._check_tree()
+        for name in self.timers.pop_due(time.monotonic()):
+            self._on_timer(name)
+        if self.phase is Phase.STOPPING and self.sequence.finished:
+            self._enter(Phase.DRAINING)
         if self._pending:
             self._flush_messages()
 
-    def _on_timers(self, now: float) -> None:
-        for source in self.sources:
-            if source.next_due is not None and source.next_due <= now:
-                self._observe_all(source.tick(now))
-        if self._timed_hooks and not self._stop_requested:
-            self._call_hooks("on_deadline", lambda: self.runner.on_deadlines(self.session, self.coord, now))
-            if self._hook_error is not None:
-                self._request_stop("hook_error", EXIT_HOOK_FAILED)
-            elif self.coord.should_stop():
-                self._request_stop(self.coord.reason, self.coord.exit_code, message=self.coord.message)
-        if self._checkpoint_wait is not None and now >= self._checkpoint_wait:
-            self.console.info(f"no complete checkpoint at or past step {self.report.target_step} "
-                              f"within {self.grace_period:g}s; stopping anyway")
-            self._send_stop()
-        if self.progress is not None and (self.progress.next_due() or now + 1) <= now:
-            self.progress.tick(now, self.console)
+    # -- output -----------------------------------------------------------------------
 
-    def _timeout_ms(self) -> Optional[float]:
-        """How long poll may sleep: until the next timer (sources, hooks, the grace period...)."""
-        if not (self.sources or self._timed_hooks or self.progress or self._stopping or self._exited
-                or self._deadline or self._checkpoint_wait):
-            # the common case while training: only the slow look at the process table
-            self._next_timer = self._next_child_check
-            return max(0.0, self._next_timer - time.monotonic()) * 1000.0
-        wakes = [source.next_due for source in self.sources if source.next_due is not None]
-        if self._stopping or self._exited:
-            wakes.append(self._next_tree_check)
-        if self._deadline is not None:
-            wakes.append(self._deadline)
-        if self._checkpoint_wait is not None:
-            wakes.append(self._checkpoint_wait)
-        if self._timed_hooks and not self._stop_requested:
-            hook_deadline = self.runner.next_deadline()
-            if hook_deadline is not None:
-                wakes.append(hook_deadline)
-        if self.progress is not None and self.progress.next_due() is not None:
-            wakes.append(self.progress.next_due())
-        if not self._exited:
-            wakes.append(self._next_child_check)
-        self._next_timer = min(wakes) if wakes else float("inf")
-        return min(max(0.0, self._next_timer - time.monotonic()), 3600.0) * 1000.0 if wakes else None
-
-    # -- output ---------------------------------------------------------------
-
-    def _add_stream(self, name: str, in_fd: int, out_fd: int) -> None:
-        stream = _Stream(name, in_fd, out_fd, LineScanner(self.formats, name))
-        if self.progress is not None and self.progress.status_line:
-            from .terminal import is_terminal
-
-            stream.to_terminal = is_terminal(out_fd)
-        self._streams[in_fd] = stream
-        self._poller.register(in_fd, select.POLLIN)
-
-    def _pump(self, stream: _Stream) -> int:
-        """One read: scan it, act on its steps, then pass it through. Bytes read."""
-        try:
-            n = os.readv(stream.in_fd, [self._buf])
-        except BlockingIOError:
-            return 0
-        except OSError:  # EIO: a pseudo-terminal whose last writer is gone
-            n = 0
-        if n == 0:
-            self._close(stream)
-            return 0
-        self._observe_all(stream.scanner.feed(self._buf, n))
-        if stream.out_fd >= 0:
-            if stream.to_terminal:
-                self.progress.before_output()
-            self._write_out(stream, n)
-            if stream.to_terminal:
-                self.progress.after_output(self._buf[n - 1])
-            if stream.out_fd == 2:
-                self._stderr_mid_line = self._buf[n - 1] != 10
-        self._flush_messages()
-        return n
-
-    def _write_out(self, stream: _Stream, n: int) -> None:
-        view, done = self._view, 0
-        while done < n:
-            try:
-                done += os.write(stream.out_fd, view[done:n])
-            except BlockingIOError:  # an inherited non-blocking stdout
-                select.select([], [stream.out_fd], [], 1.0)
-            except InterruptedError:
-                continue
-            except BrokenPipeError:
-                # Whoever read our output is gone. Close the command's end too,
-                # so it sees what it would have seen without stopstep.
-                self.console.info(f"{stream.name} was closed by its reader; closing the command's {stream.name} too")
-                stream.out_fd = -1
-                self._close(stream)
-                return
-            except OSError as exc:
-                # A full disk, a vanished terminal: the training matters more than its log.
-                # Keep reading (and scanning) the command's output, and drop it.
-                self.console.error(f"cannot write the command's {stream.name} ({exc.strerror}); "
-                                   f"its {stream.name} is dropped from here on, the run goes on")
-                stream.out_fd = -1
-                return
-
-    def _close(self, stream: _Stream) -> None:
-        if not stream.open:
+    def _pump(self, stream: Stream) -> None:
+        n = self.pump.read(stream)
+        if n < 0:
             return
-        stream.open = False
+        if n == 0:  # the stream ended: a last line without a newline counts now
+            self._poller_forget(stream.in_fd)
+            self._observe(self.pump.end_of_stream(stream))
+            return
+        self._observe(self.pump.scan(stream, n))  # the stop signal goes out before the read is written
         try:
-            self._poller.unregister(stream.in_fd)
+            self.pump.write_out(stream, n)
+        except Overrun:
+            self.pump.drop(stream, f"the reader of stopstep's {stream.name} did not take it within "
+                                   f"{DRAIN_LIMIT:g}s of the tree going down")
+        self._flush_messages()
+
+    def _guard_write(self, stream: Stream):
+        # Unbounded while the run goes (back-pressure, as without stopstep); the sentinel
+        # bounds it once the tree is down (a reader that stopped reading cannot hold the end).
+        return self._sentinel.guard(f"writing the command's {stream.name}", float("inf"), kind="write")
+
+    def _poller_forget(self, fd: int) -> None:
+        try:
+            self._poller.unregister(fd)
         except (KeyError, ValueError):
             pass
-        os.close(stream.in_fd)
-        self._streams.pop(stream.in_fd, None)
 
-    def _drain(self) -> None:
-        """Read what the pipes still hold, without waiting for writers that may never close them."""
-        for stream in list(self._streams.values()):
-            os.set_blocking(stream.in_fd, False)
-            while stream.open and self._pump(stream) > 0:
-                pass
+    # -- events from the sentinel, the files, the timers ------------------------------------------
 
-    # -- other sources ----------------------------------------------------------
+    def _on_sentinel_events(self) -> None:
+        sentinel = self._sentinel
+        sentinel.loop_waker.clear()
+        while sentinel.events:
+            event = sentinel.events.popleft()
+            if event.kind == SIGNAL_RECEIVED:
+                self._on_signal_received(event.signum, event.text)
+            elif event.kind == CHILD and self.tree is not None and self.tree.pidfd is None:
+                if self.phase in (Phase.RUNNING, Phase.WAITING_FOR_CHECKPOINT, Phase.STOPPING):
+                    if self.tree.returncode is None and self.tree.poll_exit() is not None:
+                        self._on_command_exit()
+            elif event.kind == WINCH:
+                self._resize_ptys()
+            elif event.kind == OVERRUN and self.hook_error is None:
+                # the hook swallowed the interruption and came back on its own
+                self._hook_failed(HookFailed(None, "", TimeoutError(event.text), where=event.text.split()[1]))
+            elif event.text:
+                self._pending.append(event.text)
 
-    def _resume_point(self) -> None:
-        """The latest complete checkpoint now is where the (re)started command resumes."""
-        resumed = None
-        for source in self.sources:
-            found = source.scan()  # a log file is opened here, before the command can write to it
-            if found is None:
-                continue
-            self.console.debug(f"{source.name}: latest complete checkpoint is step {found.step}")
-            self._note_checkpoint(found)
-            resumed = found.step if resumed is None else max(resumed, found.step)
-        if resumed is not None and (self.session.start_step is None or resumed > self.session.start_step
-                                    or self.report.restarts):
-            self.session.start_step = self.session.global_step = resumed
-            self._global_step = resumed
-            if not self.report.restarts:
-                self.report.start_step = resumed
-            self.console.info(f"resuming from step {resumed} (latest complete checkpoint)")
-        elif self.report.restarts:
-            self.session.start_step = self.session.global_step = None  # a fresh start, as far as we can tell
-            self._global_step = None
+    def _on_signal_received(self, signum: int, how: str) -> None:
+        name = signal.Signals(signum).name
+        self.report.received_signal = self.report.received_signal or name
+        if self.cause is None:
+            self.cause = StopCause(outcome.SIGNAL, outcome.exit_for_signal(signum))
+        if self.phase in (Phase.STARTING, Phase.RESTART_DELAY):
+            self.console.info(f"received {name}; ending the run")
+            self._enter(Phase.DONE)
+        elif how == "again":
+            self.console.debug(f"passed {name} on again; the grace period is not restarted")
+        else:
+            self.console.info(f"received {name}; passed it on and waiting up to "
+                              f"{self.grace_period:g}s for the command")
+            if self.phase in (Phase.RUNNING, Phase.WAITING_FOR_CHECKPOINT):
+                self.timers.clear("checkpoint_wait")
+                if self.sequence.stage.value == "idle":  # it came before the sentinel knew this tree
+                    self.sequence.begin()
+                    self._sentinel.wake()
+                self._enter(Phase.STOPPING)
 
-    def _start_sources(self) -> None:
-        self._sources_started = True
-        if not self.sources:
+    def _on_timer(self, name: str) -> None:
+        now = time.monotonic()
+        if name == "hooks":
+            if self.cause is None:
+                self._run_hooks(lambda: self.runner.on_deadlines(self.session, self.coord, now))
+                if self.coord.should_stop():
+                    self._request_stop(self.coord.reason, self.coord.exit_code, self.coord.message)
+        elif name == "sources":
+            for source in self.sources:
+                if source.next_due is not None and source.next_due <= now:
+                    self._observe(source.tick(now))
+        elif name == "checkpoint_wait" and self.phase is Phase.WAITING_FOR_CHECKPOINT:
+            self._pending.append(f"no complete checkpoint at or past step {self.report.target_step} "
+                                 f"within {self.grace_period:g}s; stopping anyway")
+            self._stop_tree()
+        elif name == "restart" and self.phase is Phase.RESTART_DELAY:
+            self._enter(Phase.STARTING)
+        elif name == "progress" and self.progress is not None:
+            self.progress.tick(now, self.console)
+        elif name == "child_check" and self.tree is not None and self.tree.returncode is None:
+            if self.tree.poll_exit() is not None:
+                self._on_command_exit()
+            else:
+                self.timers.set("child_check", now + 1.0)
+        self._plan_wakes()
+
+    def _plan_wakes(self) -> None:
+        """Put the hooks', the sources' and the progress line's next times in the table."""
+        if self.runner.timed and self.cause is None:
+            self._run_hooks(lambda: self.timers.set("hooks", self.runner.next_deadline()))
+        else:
+            self.timers.clear("hooks")
+        dues = [source.next_due for source in self.sources if source.next_due is not None]
+        self.timers.set("sources", min(dues) if dues else None)
+        if self.progress is not None:
+            self.timers.set("progress", self.progress.next_due())
+
+    # -- the command's exit, the end of an attempt, restarts ----------------------------------
+
+    def _on_command_exit(self) -> None:
+        # Output written before the exit is already in the pipes: read it first,
+        # so a last step line counts before the exit does.
+        self.pump.drain(time.monotonic() + DRAIN_LIMIT, self._drained)
+        self.report.child_returncode = self.tree.poll_exit()
+        self.timers.clear("child_check")
+        if self.phase is Phase.WAITING_FOR_CHECKPOINT:
+            self._look_at_sources_once_more()
+            if self.phase is Phase.WAITING_FOR_CHECKPOINT:  # it never came
+                self.cause = StopCause(outcome.CHECKPOINT_MISSING, 1)
+                self._pending.append(f"the command exited before a complete checkpoint at or past step "
+                                     f"{self.report.target_step} came")
+        if self.phase in (Phase.RUNNING, Phase.WAITING_FOR_CHECKPOINT):
+            self.console.debug(f"command exited with status {outcome.exit_status(self.tree.returncode)}")
+            self.sequence.begin()  # ends what it left behind, if anything; done at once otherwise
+            self._sentinel.wake()
+            self._enter(Phase.STOPPING)
+
+    def _drained(self, stream: Stream, n: int) -> None:
+        if n == 0:
+            self._poller_forget(stream.in_fd)
+            self._observe(self.pump.end_of_stream(stream))
             return
-        from .sources import FileWatcher, Waker
+        self._observe(self.pump.scan(stream, n))
+        try:
+            self.pump.write_out(stream, n)
+        except Overrun:
+            self.pump.drop(stream, f"the reader of stopstep's {stream.name} stopped taking it")
 
-        if any(source.poll is None for source in self.sources):
-            self._waker = Waker()
-            self._watcher = FileWatcher(self._waker)
-            self._poller.register(self._waker.fileno(), select.POLLIN)
-        for source in self.sources:
-            self._observe_all(source.start(self._watcher))
+    def _end_attempt(self) -> None:
+        """The tree is down: pass on what the pipes hold, reap, record; restart or finish."""
+        self.pump.drain(time.monotonic() + DRAIN_LIMIT, self._drained)
+        for stream in list(self.pump.streams.values()):
+            self._poller_forget(stream.in_fd)
+        self.pump.close_all()
+        self._sentinel.detach()
+        tree = self.tree
+        tree.reap()
+        self._look_at_sources_once_more()
+        self._flush_messages()
+        self.report.child_returncode = tree.returncode
+        self.report.attempts.append({
+            "pid": tree.pid,
+            "start_step": self.session.start_step,
+            "last_step_seen": self.global_step,
+            "child_returncode": tree.returncode,
+            "exit_status": outcome.exit_status(tree.returncode) if tree.returncode is not None else None,
+            "duration_s": round(time.monotonic() - self._attempt_started, 3),
+        })
+        stopped = self.cause is not None or self._sentinel.received_signal is not None
+        if not self.restarts.should_restart(tree.returncode, stopped):
+            self._enter(Phase.DONE)
+            return
+        self._plan_wakes()  # a time limit holds in the restart delay too
+        number = self.restarts.count()
+        self.report.restarts = number
+        seen = "none" if self.global_step is None else self.global_step
+        delay = self.restarts.delay
+        self.console.info(f"command exited with status {outcome.exit_status(tree.returncode)} at step {seen}; "
+                          f"restarting{f' in {delay:g}s' if delay else ''} "
+                          f"(restart {number} of {self.restarts.max_restarts})")
+        self.timers.set("restart", time.monotonic() + delay)
+        self._enter(Phase.RESTART_DELAY)
 
-    def _on_file_events(self) -> None:
-        self._waker.clear()
-        changed = self._watcher.changed()
-        for source in self.sources:
-            if source in changed:
-                self._observe_all(source.refresh(changed[source]))
+    def _look_at_sources_once_more(self) -> None:
+        for source in self.sources:  # the last lines, the final checkpoint
+            self._observe(source.final())
 
-    def _stop_sources(self) -> None:
-        for source in self.sources:
-            source.close()
-        if self._watcher is not None:
-            self._watcher.stop()
-        if self._waker is not None:
-            self._waker.close()
+    # -- steps and hooks ------------------------------------------------------------------------
 
-    # -- steps and hooks ------------------------------------------------------
-
-    def _observe_all(self, observations: List[Observation]) -> None:
+    def _observe(self, observations: List[Observation]) -> None:
         for obs in observations:
-            self._observe(obs)
+            self._observe_one(obs)
 
-    def _note_checkpoint(self, obs: Observation) -> None:
-        report = self.report
-        if report.last_checkpoint_step is None or obs.step >= report.last_checkpoint_step:
-            report.last_checkpoint_step = obs.step
-            report.last_checkpoint_path = obs.path
-
-    def _observe(self, obs: Observation) -> None:
+    def _observe_one(self, obs: Observation) -> None:
         report = self.report
         report.observations_coalesced += obs.coalesced
         if obs.is_checkpoint:
             self._note_checkpoint(obs)
             self.console.debug(f"checkpoint for step {obs.step} is complete: {obs.line}")
-            if self._checkpoint_wait is not None and obs.step >= (report.target_step or 0):
+            if self.phase is Phase.WAITING_FOR_CHECKPOINT and obs.step >= (report.target_step or 0):
                 self._pending.append(f"checkpoint for step {obs.step} is complete")
-                self._send_stop()
+                self._stop_tree()
         if report.first_step_seen is None:
-            report.first_step_seen = obs.step
-            self._first_seen_at = obs.time
+            report.first_step_seen, self._first_seen_at = obs.step, obs.time
         last_here = self._source_steps.get(obs.source)
         if last_here is not None and obs.step < last_here:
             self.console.debug(f"step went backwards on {obs.source}: {obs.step} after {last_here}")
         self._source_steps[obs.source] = obs.step
-        previous = self._global_step
-        if previous is not None and obs.step <= previous:
+        if self.global_step is not None and obs.step <= self.global_step:
             return
-        self._global_step = obs.step
+        self.global_step = obs.step
         self._last_seen_at = obs.time
-        if report.last_step_seen is None or obs.step > report.last_step_seen or self.report.restarts:
+        if report.last_step_seen is None or obs.step > report.last_step_seen or report.restarts:
             report.last_step_seen = obs.step
-        if self._stop_requested:
+        if self.cause is not None:
             return
         session = self.session
-        session.global_step = obs.step
-        session.fields = obs.fields
+        session.global_step, session.fields = obs.step, obs.fields
         values = {"global_step": obs.step}
         values.update(obs.fields)
         if obs.is_checkpoint:
@@ -482,35 +457,154 @@ class Supervisor:
         report.observations += 1
         if self.progress is not None:
             self.progress.update(obs.step, report.target_step, obs.time)
-        try:
-            ctx = self.runner.run(session, values)
-        except Exception as exc:  # a user hook: report it, then bring the tree down
-            self._hook_failed("before_run/after_run", exc)
-            self._request_stop("hook_error", EXIT_HOOK_FAILED)
-            return
-        if ctx.stop_requested:
-            self._request_stop(ctx.stop_reason, ctx.stop_exit_code, obs, ctx.stop_message)
+        ctx = self._run_hooks(lambda: self.runner.run(session, values))
+        if ctx is not None and ctx.stop_requested:
+            self._request_stop(ctx.stop_reason, ctx.stop_exit_code, ctx.stop_message, obs)
         elif self.coord.should_stop():
-            self._request_stop(self.coord.reason, self.coord.exit_code, obs, self.coord.message)
+            self._request_stop(self.coord.reason, self.coord.exit_code, self.coord.message, obs)
+        if self.runner.timed and self.cause is None:
+            self._run_hooks(lambda: self.timers.set("hooks", self.runner.next_deadline()))
 
-    def _call_hooks(self, what: str, call) -> None:
+    def _note_checkpoint(self, obs: Observation) -> None:
+        report = self.report
+        if report.last_checkpoint_step is None or obs.step >= report.last_checkpoint_step:
+            report.last_checkpoint_step, report.last_checkpoint_path = obs.step, obs.path
+
+    def _call_hook(self, hook, method: str, *args):
+        """Every hook call: bounded by --hook-timeout, whatever it raises contained."""
         try:
-            call()
-        except Exception as exc:  # a user hook: report it, then bring the tree down
-            self._hook_failed(what, exc)
+            with self._sentinel.guard(f"hook {type(hook).__name__}.{method}", self.hook_timeout):
+                return getattr(hook, method)(*args)
+        except BaseException as exc:  # noqa: B902 - SystemExit, KeyboardInterrupt and Overrun included
+            raise HookFailed(hook, method, exc) from exc
 
-    def _hook_failed(self, what: str, exc: Exception) -> None:
-        self._hook_error = exc
-        self.console.error(f"a hook raised in {what}: {type(exc).__name__}: {exc}")
-        self.console.error("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    def _run_hooks(self, call):
+        """Run a lifecycle step; a failed hook stops the run (exit 5)."""
+        if self.hook_error is not None:
+            return None
+        try:
+            return call()
+        except HookFailed as failure:
+            self._hook_failed(failure)
+            return None
+
+    def _hook_failed(self, failure: HookFailed) -> None:
+        if self.hook_error is not None:
+            return
+        self.hook_error = failure
+        error = failure.error
+        if isinstance(error, (Overrun, TimeoutError)):
+            self.console.error(f"{error} (--hook-timeout {self.hook_timeout:g}); stopping")
+        else:
+            self.console.error(f"hook {failure.where} raised {type(error).__name__}: {error}")
+        self.console.error("".join(traceback.format_exception(type(error), error, error.__traceback__))
                            .rstrip().replace("\n", "\n    "))
+        self.timers.clear("hooks")
+        self._request_stop(outcome.HOOK_ERROR, outcome.EXIT_HOOK_FAILED, "a hook failed")
+
+    # -- stopping -----------------------------------------------------------------------------
+
+    def _request_stop(self, reason: Optional[str], exit_code: int, message: Optional[str] = None,
+                      obs: Optional[Observation] = None) -> None:
+        """A hook (or a timer) asked to stop: now, or once the checkpoint is whole."""
+        if self.cause is not None:
+            return
+        reason = reason or outcome.HOOK_REQUESTED
+        self.cause = StopCause(reason, exit_code)
+        self.timers.clear("hooks")
+        if self.phase in (Phase.STARTING, Phase.RESTART_DELAY):
+            if message:
+                self._pending.append(message)
+            self._enter(Phase.DONE)  # no command is running
+            return
+        if self.phase is not Phase.RUNNING:
+            return  # the command already exited: its tree is coming down anyway
+        target = self.report.target_step
+        if (reason == outcome.TARGET_REACHED and self.stop_after_checkpoint
+                and (self.report.last_checkpoint_step is None or self.report.last_checkpoint_step < target)):
+            self._enter(Phase.WAITING_FOR_CHECKPOINT)
+            self.timers.set("checkpoint_wait", time.monotonic() + self.grace_period)
+            self._pending.append(f"step {obs.step if obs else self.global_step} reached (target {target}); "
+                                 f"waiting up to {self.grace_period:g}s for a complete checkpoint at or past it")
+            return
+        self._stop_tree()
+        sent = f"sent {self.stop_signal.name} to the command's process group"
+        if reason != outcome.TARGET_REACHED or obs is None:
+            self._pending.append(f"{message or 'stopping: ' + reason}; {sent}")
+        elif self.report.observations == 1 and target is not None and obs.step > target:
+            self._pending.append(f"first step seen ({obs.step}) is already past the target ({target}); stopping")
+        else:
+            self._pending.append(f"step {obs.step} reached (target {target}); {sent}")
+
+    def _stop_tree(self) -> None:
+        """The stop signal to the group, now (on this thread); the sentinel times the rest."""
+        self.timers.clear("checkpoint_wait")
+        self.sequence.begin()
+        self._sentinel.wake()
+        self._enter(Phase.STOPPING)
+
+    def _sentinel_says(self, text: str) -> None:
+        """The stop sequence's words, from the sentinel's thread: printed by the loop."""
+        self._sentinel.post(Event(STOP_PROGRESS, None, text))
+
+    # -- other sources ---------------------------------------------------------------------------
+
+    def _resume_point(self) -> None:
+        """The latest complete checkpoint now is where the (re)started command resumes."""
+        resumed = None
+        for source in self.sources:
+            found = source.resume_point()  # a log file is opened here, before the command can write to it
+            if found is None:
+                continue
+            self.console.debug(f"{source.name}: latest complete checkpoint is step {found.step}")
+            self._note_checkpoint(found)
+            resumed = found.step if resumed is None else max(resumed, found.step)
+        restarted = bool(self.report.attempts)
+        if resumed is not None and (self.session.start_step is None or resumed > self.session.start_step
+                                    or restarted):
+            self.session.start_step = self.session.global_step = self.global_step = resumed
+            if not restarted:
+                self.report.start_step = resumed
+            self.console.info(f"resuming from step {resumed} (latest complete checkpoint)")
+        elif restarted:
+            self.session.start_step = self.session.global_step = self.global_step = None
+
+    def _start_sources(self) -> List[Observation]:
+        """Watch the file sources (after the first spawn: the command is not forked
+        from a process with watchdog's thread); what they see already."""
+        if not self.sources:
+            return []
+        from .sources import FileWatcher
+        from .waker import Waker
+
+        if any(source.poll is None for source in self.sources):
+            self._file_waker = Waker()
+            self._watcher = FileWatcher(self._file_waker)
+            self._poller.register(self._file_waker.fileno(), select.POLLIN)
+        seen: List[Observation] = []
+        for source in self.sources:
+            seen += source.start(self._watcher)
+        return seen
+
+    def _on_file_events(self) -> None:
+        self._file_waker.clear()
+        changed = self._watcher.changed()
+        for source in self.sources:
+            if source in changed:
+                self._observe(source.on_change(changed[source]))
+        self._plan_wakes()
+
+    # -- messages and terminals --------------------------------------------------------------------
+
+    def _say(self, text: str) -> None:
+        self.console.info(text)
 
     def _before_message(self) -> None:
         """stopstep's own line goes on a line of its own, not after a bar left open on stderr."""
         if self.progress is not None:
             self.progress.clear()
-        if self._stderr_mid_line:
-            self._stderr_mid_line = False
+        if self.pump.stderr_mid_line:
+            self.pump.stderr_mid_line = False
             try:
                 os.write(2, b"\n")
             except OSError:
@@ -520,240 +614,109 @@ class Supervisor:
         while self._pending:
             self.console.info(self._pending.pop(0))
 
-    # -- stopping ---------------------------------------------------------------
-
-    def _request_stop(self, reason: str, exit_code: int, obs: Optional[Observation] = None,
-                      message: Optional[str] = None) -> None:
-        """A hook asked to stop: send the stop signal now (or once the checkpoint is whole)."""
-        if self._stop_requested:
-            return
-        self._stop_requested = True
-        self.report.reason = reason
-        self._stop_exit_code = exit_code
-        target = self.report.target_step
-        if (
-            reason == reasons.TARGET_REACHED
-            and self.stop_after_checkpoint
-            and (self.report.last_checkpoint_step is None or self.report.last_checkpoint_step < target)
-        ):
-            self._checkpoint_wait = time.monotonic() + self.grace_period
-            self._pending.append(
-                f"step {obs.step} reached (target {target}); waiting up to {self.grace_period:g}s "
-                f"for a complete checkpoint at or past it"
-            )
-            return
-        self._send_stop()
-        sent = f"sent {self.stop_signal.name} to the command's process group"
-        if reason != reasons.TARGET_REACHED or obs is None:
-            self._pending.append(f"{message or 'stopping: ' + reason}; {sent}")
-        elif self.report.observations == 1 and target is not None and obs.step > target:
-            self._pending.append(f"first step seen ({obs.step}) is already past the target ({target}); stopping")
-        else:
-            self._pending.append(f"step {obs.step} reached (target {target}); {sent}")
-
-    def _send_stop(self) -> None:
-        """The stop signal to the group, now; everything else comes after."""
-        self._checkpoint_wait = None
-        if self._stopping:
-            return
-        self.tree.signal_group(self.stop_signal)
-        self.tree.signal_group(signal.SIGCONT)  # a stopped process must be able to act on it
-        self._begin_grace()
-        self.report.stop_signal = self.stop_signal.name
-
-    def _begin_grace(self) -> None:
-        now = time.monotonic()
-        self._stopping = True
-        self._deadline = now + self.grace_period
-        self._next_tree_check = now + TREE_CHECK_FIRST
-
-    def _on_signals(self, received: List[int]) -> None:
-        for signum in received:
-            if signum == signal.SIGCHLD:
-                self._child_changed = True  # the loop looks at the command after this batch
-                self.tree.reap_orphans()  # no zombie piles up under a subreaper or PID 1
-                continue
-            name = signal.Signals(signum).name
-            if signum == signal.SIGWINCH and self._streams:
-                self._resize_ptys()
-            self.tree.signal_group(signum)
-            if signum not in TERMINATING_SIGNALS:
-                self.console.debug(f"passed {name} on to the command")
-                continue
-            if self._stopping:
-                self.console.debug(f"passed {name} on again; the grace period is not restarted")
-                continue
-            self.tree.signal_group(signal.SIGCONT)
-            self._begin_grace()
-            self._stopped_by(signum)
-            self.console.info(f"received {name}; passed it on and waiting up to {self.grace_period:g}s for the command")
-
-    def _stopped_by(self, signum: int) -> None:
-        """stopstep itself was told to stop: no more hooks, and it will exit 128+n."""
-        self._checkpoint_wait = None
-        self._stop_requested = True
-        self.report.reason = reasons.SIGNAL
-        self.report.received_signal = signal.Signals(signum).name
-        self._stop_exit_code = 128 + signum
-
     def _resize_ptys(self) -> None:
         from .terminal import copy_window_size, is_terminal
 
-        for stream in self._streams.values():
+        for stream in self.pump.streams.values():
             if stream.out_fd >= 0 and is_terminal(stream.in_fd):
                 copy_window_size(stream.out_fd, stream.in_fd)
 
-    def _on_command_exit(self) -> None:
-        # Output written before the exit is already in the pipes: read it first,
-        # so a last step line counts before the exit does.
-        self._drain()
-        self._exited = True
-        self._checkpoint_wait = None if self._stopping else self._checkpoint_wait
-        self.report.child_returncode = self.tree.returncode
-        if not self._stopping:
-            self.console.debug(f"command exited with status {status_to_exit_code(self.tree.returncode)}")
-        self._next_tree_check = time.monotonic()
+    def _foreign_pids(self) -> frozenset:
+        """stopstep's children that are not the command's tree: the host's own, the guardian."""
+        from .process import _own_children
 
-    def _check_tree(self) -> None:
-        now = time.monotonic()
-        if now < self._next_tree_check and (self._deadline is None or now < self._deadline):
-            return
-        self.tree.reap_orphans()
-        alive = self.tree.live_descendants()
-        if self._exited and not alive:
-            self._done = True
-            return
-        if self._exited and not self._leftovers_signalled:
-            # The command is gone; nobody else will tell what it left behind.
-            self._leftovers_signalled = True
-            self.tree.signal_group(self.stop_signal)
-            outside = self.tree.signal_outside_group(self.stop_signal)
-            self.tree.signal_group(signal.SIGCONT)
-            self.console.debug(f"{len(alive)} process(es) outlived the command ({outside} outside its group); "
-                               f"sent {self.stop_signal.name}")
-            if self._deadline is None:
-                self._deadline = now + self.grace_period
-        if self._deadline is not None and now >= self._deadline and alive and not self.report.killed:
-            self.console.debug("still alive: " + ", ".join(_describe(proc) for proc in alive))
-            count = self.tree.kill_all()
-            self.report.killed = True
-            self.console.info(f"grace period of {self.grace_period:g}s over; killed {count} process(es) with SIGKILL")
-        self._tree_check_interval = min(self._tree_check_interval * 2, TREE_CHECK_MAX)
-        self._next_tree_check = now + self._tree_check_interval
+        foreign = set(_own_children()) if self.subreaper and not self.report.attempts else set()
+        if self.tree is not None:
+            foreign |= self.tree.foreign
+        return frozenset(foreign)
 
-    # -- the end of an attempt, restarts ------------------------------------------
+    # -- the end -------------------------------------------------------------------------------------
 
-    def _end_attempt(self) -> None:
-        self._drain()
-        for stream in list(self._streams.values()):
-            self._close(stream)
-        self.tree.reap()
-        returncode = self.tree.returncode
-        self.report.child_returncode = returncode
-        self.report.attempts.append({
-            "pid": self.tree.pid,
-            "start_step": self.session.start_step,
-            "last_step_seen": self._global_step,
-            "child_returncode": returncode,
-            "exit_status": status_to_exit_code(returncode) if returncode is not None else None,
-            "duration_s": round(time.monotonic() - self._attempt_started, 3),
-        })
-
-    def _restart(self) -> bool:
-        """Start the command again after a crash before the target, if restarts are left."""
-        returncode = self.tree.returncode
-        if (self._stop_requested or returncode in (None, 0) or self._hook_error is not None
-                or self.report.restarts >= self.max_restarts):
-            return False
-        status = status_to_exit_code(returncode)
-        self.report.restarts += 1
-        seen = "none" if self._global_step is None else self._global_step
-        self.console.info(f"command exited with status {status} at step {seen}; restarting"
-                          f"{f' in {self.restart_delay:g}s' if self.restart_delay else ''} "
-                          f"(restart {self.report.restarts} of {self.max_restarts})")
-        if not self._wait_before_restart():
-            return False
-        self._new_attempt(self._global_step)
-        return True
-
-    def _wait_before_restart(self) -> bool:
-        """Sleep the restart delay, still answering signals; False if one ends the run."""
-        until = time.monotonic() + self.restart_delay
-        while True:
-            left = until - time.monotonic()
-            if left <= 0:
-                return True
-            for fd, _events in self._poller.poll(left * 1000.0):
-                if fd == self._inbox.fileno():
-                    for signum in self._inbox.drain():
-                        if signum in TERMINATING_SIGNALS:
-                            self._stopped_by(signum)
-                            return False
-                elif self._waker is not None and fd == self._waker.fileno():
-                    self._waker.clear()
-                    self._watcher.changed()
-
-    # -- the end ----------------------------------------------------------------
+    def _facts(self) -> RunFacts:
+        report = self.report
+        cause = self.cause
+        received = self._sentinel.received_signal if self._sentinel is not None else None
+        if cause is None and received is not None:
+            cause = StopCause(outcome.SIGNAL, outcome.exit_for_signal(received))
+        sequence = self.sequence
+        return RunFacts(
+            stop_reason=cause.reason if cause else None,
+            stop_exit_code=cause.exit_code if cause else 0,
+            received_signal=received,
+            returncode=self.tree.returncode if self.tree is not None else None,
+            killed=bool(sequence and sequence.killed),
+            require_target=self.require_target,
+            target_step=report.target_step,
+            last_step_seen=report.last_step_seen,
+            duration_s=report.duration_s,
+            steps_per_s=report.steps_per_s,
+            stop_signal=sequence.signal_sent if sequence is not None and cause is not None else None,
+        )
 
     def _finish(self) -> None:
-        for source in self.sources:  # the last lines, the final checkpoint
-            self._observe_all(source.refresh(()))
         report = self.report
         report.duration_s = round(time.monotonic() - self._started, 6)
-        if (
-            report.first_step_seen is not None
-            and report.last_step_seen is not None
-            and self._last_seen_at is not None
-            and self._first_seen_at is not None
-            and self._last_seen_at > self._first_seen_at
-        ):
-            report.steps_per_s = round(
-                (report.last_step_seen - report.first_step_seen) / (self._last_seen_at - self._first_seen_at), 3
-            )
-        returncode = self.tree.returncode
-        status = status_to_exit_code(returncode) if returncode is not None else None
-        if self._stop_requested:
-            report.exit_code = self._stop_exit_code
-            if report.killed and report.exit_code == 0:
-                report.exit_code = EXIT_KILLED
-        else:
-            report.reason = reasons.PROCESS_EXITED
-            report.exit_code = status if status is not None else 125
-            if status == 0 and self.require_target and not self._target_reached():
-                report.exit_code = EXIT_TARGET_NOT_REACHED
+        if (report.first_step_seen is not None and report.last_step_seen is not None
+                and self._last_seen_at is not None and self._first_seen_at is not None
+                and self._last_seen_at > self._first_seen_at):
+            report.steps_per_s = round((report.last_step_seen - report.first_step_seen)
+                                       / (self._last_seen_at - self._first_seen_at), 3)
+        facts = self._facts()
+        status = outcome.exit_status(facts.returncode) if facts.returncode is not None else None
+        ended_well = facts.received_signal is None and (
+            (facts.stop_reason is not None and facts.stop_reason not in (outcome.SIGNAL, outcome.CHECKPOINT_MISSING))
+            or (facts.stop_reason is None and status == 0))
+        if self.hook_error is None and ended_well:
+            self._run_hooks(lambda: self.runner.end(self.session))
+            facts = self._facts()
+        self._conclude(facts)
+
+    def _conclude(self, facts: RunFacts) -> None:
+        report = self.report
+        result = conclude(facts)
+        report.reason, report.exit_code = result.reason, result.exit_code
+        report.killed = facts.killed
+        report.stop_signal = outcome.signal_name(facts.stop_signal)
+        report.received_signal = outcome.signal_name(facts.received_signal)
         if self.progress is not None:
             self.progress.clear()
-        self._say_why(status)
-        if self._hook_error is None and (
-            (self._stop_requested and report.reason != reasons.SIGNAL) or (not self._stop_requested and status == 0)
-        ):
-            self._call_hooks("end", lambda: self.runner.end(self.session))
-            if self._hook_error is not None:
-                report.exit_code = EXIT_HOOK_FAILED
+        self._flush_messages()
+        if result.exit_code == outcome.EXIT_TARGET_NOT_REACHED and result.reason == outcome.PROCESS_EXITED:
+            seen = "none" if report.last_step_seen is None else report.last_step_seen
+            self.console.error(f"command exited 0 before reaching step {report.target_step} "
+                               f"(last step seen: {seen}); failing as --require-target asks")
+        else:
+            self.console.info(result.summary)
 
-    def _target_reached(self) -> bool:
-        target = self.report.target_step
-        return target is not None and self.report.last_step_seen is not None and self.report.last_step_seen >= target
+    def _abandon(self) -> None:
+        """On the sentinel's thread: the main thread is stuck in a hook that will not
+        come back, and the tree is down. Say so and hand over the report."""
+        self.hook_error = self.hook_error or HookFailed(None, "", TimeoutError("did not come back"), where="?")
+        self.cause = self.cause or StopCause(outcome.HOOK_ERROR, outcome.EXIT_HOOK_FAILED)
+        self.report.duration_s = round(time.monotonic() - self._started, 6)
+        self.console.error("a hook did not come back after it was interrupted; ending without it")
+        self._conclude(self._facts())
+        self.on_abandon(self.report)
 
-    def _say_why(self, status: Optional[int]) -> None:
-        report = self.report
-        seen = "none" if report.last_step_seen is None else str(report.last_step_seen)
-        if report.reason == reasons.PROCESS_EXITED:
-            if report.exit_code == EXIT_TARGET_NOT_REACHED:
-                self.console.error(
-                    f"command exited 0 before reaching step {report.target_step} "
-                    f"(last step seen: {seen}); failing as --require-target asks"
-                )
-            else:
-                target = f" before reaching step {report.target_step}" if report.target_step is not None else ""
-                self.console.info(f"command exited with status {status}{target} (last step seen: {seen})")
-            return
-        how = "was killed with SIGKILL after the grace period" if report.killed else "exited"
-        checkpoint = ""
-        if report.last_checkpoint_step is not None:
-            checkpoint = f"; last complete checkpoint: step {report.last_checkpoint_step}"
-        rate = f"; {report.steps_per_s:g} steps/s" if report.steps_per_s else ""
-        self.console.info(
-            f"stopped: {report.reason}; last step seen {seen}{checkpoint}{rate}; the command {how} "
-            f"(status {status}) after {report.duration_s:.2f}s; exit {report.exit_code}"
-        )
+    def _tidy_up(self) -> None:
+        self.pump.close_all()
+        for source in self.sources:
+            source.close()
+        if self._watcher is not None:
+            self._watcher.stop()
+        if self._file_waker is not None:
+            self._file_waker.close()
+        if self._foreground is not None:
+            self._foreground.restore()
+        if self.progress is not None:
+            self.progress.clear()
+        if self._sentinel is not None:
+            self._sentinel.close()
+        if self.tree is not None and not self.tree.reaped and self.tree.pid is not None:
+            # an error on the way: never leave the tree behind
+            if self.sequence is not None and not self.sequence.finished:
+                self.tree.kill_all(self.tree.live_members() or [])
+            self.tree.reap()
+        if self._guardian is not None:
+            self._guardian.release()
+        self._subreaper.restore()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import termios
+import threading
 from typing import Optional, Tuple
 
 
@@ -92,6 +93,10 @@ class Foreground:
             return
         self._give(self._own_group)
         os.killpg(self._own_group, signal.SIGSTOP)
+        # A process-directed SIGSTOP may be taken by another of our threads, and this
+        # one would run on (and continue the tree) before the stop takes hold. One
+        # directed at this thread stops it right here, on the way out of the call.
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
         # ...continued (fg or bg). In the foreground again: give the terminal back.
         try:
             foreground = os.tcgetpgrp(self.fd) == self._own_group

@@ -193,7 +193,7 @@ def test_a_reader_of_stopstep_stdout_that_goes_away(pidfile):
     _, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode not in (0, None)
     assert b"stdout was closed by its reader; closing the command's stdout too" in err
-    assert b"command exited with status" in err
+    assert b"command exited 1 before step 100000" in err
     assert_all_gone(read_pids(pidfile))
 
 

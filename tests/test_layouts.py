@@ -35,7 +35,7 @@ class Dir:
     def __init__(self, root, layout="auto", pattern=None):
         self.root = str(root)
         self.source = CheckpointSource(self.root, layout, pattern)
-        self.source.scan()
+        self.source.resume_point()
         self.source.start(None)
 
     def path(self, *parts):
@@ -44,7 +44,7 @@ class Dir:
     def steps(self):
         """Steps that became complete since the last look (every path counts as changed)."""
         changed = [os.path.join(d, n) for d, ds, fs in os.walk(self.root) for n in ds + fs]
-        return [obs.step for obs in self.source.refresh(changed)]
+        return [obs.step for obs in self.source.on_change(changed)]
 
 
 # -- file checks -----------------------------------------------------------------------
@@ -271,8 +271,8 @@ def test_resume_scan_takes_the_latest_complete_checkpoint(tmp_path):
         write(tmp_path / f"checkpoint-{step}" / "trainer_state.json", json.dumps({"global_step": step}))
     write(tmp_path / "checkpoint-300" / "model.safetensors")  # a crash mid-save
     source = CheckpointSource(str(tmp_path))
-    found = source.scan()
-    assert found.step == 200 and found.fields["checkpoint_path"].endswith("checkpoint-200")
+    found = source.resume_point()
+    assert found.step == 200 and found.is_checkpoint and found.path.endswith("checkpoint-200")
     assert source.pending == {"checkpoint-300": 300}
 
 

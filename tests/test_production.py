@@ -210,7 +210,7 @@ def test_a_hook_that_raises_stops_the_run_with_its_traceback(tmp_path, pidfile):
     assert result.returncode == 5
     assert report["reason"] == "hook_error"
     err = result.stderr.decode()
-    assert "a hook raised in before_run/after_run: RuntimeError: hook exploded at a step" in err
+    assert "hook Exploding.after_run raised RuntimeError: hook exploded at a step" in err
     assert "Traceback" in err and "myhooks.py" in err
     assert_all_gone(read_pids(pidfile))
 

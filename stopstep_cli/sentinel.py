@@ -1,0 +1,253 @@
+"""The sentinel: a thread that keeps the stop path moving whatever the main loop does.
+
+The main loop runs hooks, which are other people's code, and writes output to
+readers that may stall. Neither may hold up a stop, so three things happen on
+this thread instead:
+
+1. **Signals in.** It reads the signal inbox and passes each signal on to the
+   command's process group at once; a terminating one (INT, TERM, HUP, QUIT,
+   ALRM) also starts the stop sequence and is remembered for the exit status.
+   SIGCHLD: orphans are reaped, and a Ctrl-Z of the command suspends stopstep's
+   own job too.
+2. **The stop sequence on time.** It calls :meth:`StopSequence.advance` when
+   the sequence asks to be called, so the grace period's SIGKILL comes on time.
+3. **Overruns.** The loop marks a call it makes to a hook (and a write while
+   stopping) as a *guarded section* with a deadline. A section still open at
+   its deadline is interrupted: this thread sends :data:`INTERRUPT_SIGNAL` to
+   the main thread, whose handler raises :class:`Overrun` inside the call (a
+   ``time.sleep`` or blocked ``write`` is interrupted too). A hook's overrun
+   also starts the stop sequence from here. If the main thread still does not
+   come back (a hook that swallows the exception), ``on_abandon`` is called
+   once the tree is down: the command line writes its report and exits.
+
+Everything it has to tell the loop goes through :attr:`events` and a wake-up pipe.
+"""
+
+from __future__ import annotations
+
+import collections
+import select
+import signal
+import threading
+import time
+from typing import Callable, NamedTuple, Optional, Sequence
+
+from .signals import INTERRUPT_SIGNAL, TERMINATING_SIGNALS, SignalInbox
+from .waker import Waker
+
+#: How long after an overrun (and the tree being down) the main thread has to come back.
+ABANDON_AFTER = 5.0
+
+# What the sentinel tells the loop (Event.kind).
+SIGNAL_RECEIVED = "signal_received"  # a terminating signal, passed on; the stop sequence started
+SIGNAL_PASSED = "signal_passed"  # any other signal, passed on
+CHILD = "child"  # SIGCHLD: the command may have exited
+WINCH = "winch"  # the terminal was resized
+STOP_PROGRESS = "stop_progress"  # the stop sequence did something worth saying (text)
+OVERRUN = "overrun"  # a guarded section overran (text)
+
+
+class Event(NamedTuple):
+    kind: str
+    signum: Optional[int] = None
+    text: str = ""
+
+
+class Overrun(BaseException):
+    """Raised in the main thread inside a guarded call that overran its deadline.
+
+    A BaseException, like KeyboardInterrupt, so that ``except Exception`` in a
+    hook does not swallow it.
+    """
+
+    def __init__(self, what: str, seconds: float):
+        super().__init__(f"{what} did not return within {seconds:g}s")
+        self.what, self.seconds = what, seconds
+
+
+class _Section:
+    __slots__ = ("sentinel", "what", "seconds", "kind")
+
+    def __init__(self, sentinel: "Sentinel", what: str, seconds: float, kind: str):
+        self.sentinel, self.what, self.seconds, self.kind = sentinel, what, seconds, kind
+
+    def __enter__(self):
+        sentinel = self.sentinel
+        sentinel._token += 1
+        sentinel._section = (sentinel._token, time.monotonic() + self.seconds, self.what, self.seconds, self.kind)
+        return self
+
+    def __exit__(self, *exc_info):
+        self.sentinel._section = None
+        return False
+
+
+class Sentinel:
+    """See the module docstring. Create it on the main thread (it installs the
+    signal handlers), ``start()`` it, ``attach()`` each attempt's tree and stop
+    sequence, ``close()`` it at the end."""
+
+    def __init__(self, signals: Sequence[int], check_interval: float = 1.0, write_limit: float = 3.0):
+        self.events: collections.deque = collections.deque()
+        self.loop_waker = Waker()  # the main loop polls this
+        self._wake = Waker()
+        self.inbox = SignalInbox(signals, interrupt_handler=self._interrupt_main)
+        self.check_interval = check_interval
+        self.write_limit = write_limit  # a write may take this long once the tree is down
+        self._finished_at = float("inf")  # when the attached stop sequence finished
+        self.received_signal: Optional[int] = None  # the first terminating signal, in any phase
+        self.tree = None
+        self.sequence = None
+        self.foreground = None
+        self.cooperative = None  # issue 10: how a received signal becomes a cooperative stop
+        self.on_abandon: Optional[Callable[[], None]] = None
+        self._attach_lock = threading.Lock()
+        self._main_ident = threading.main_thread().ident
+        self._section = None  # (token, deadline, what, seconds, kind) while the main thread is in one
+        self._token = 0
+        self._fired: Optional[int] = None  # the token of the section interrupted last
+        self._fired_at = 0.0
+        self._abandoned = False
+        self._finished_said = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="stopstep-sentinel", daemon=True)
+
+    # -- the main thread's side ---------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def attach(self, tree, sequence) -> None:
+        with self._attach_lock:
+            self.tree, self.sequence = tree, sequence
+            self._finished_at = float("inf")
+        self.wake()
+
+    def detach(self) -> None:
+        """Before the command is reaped: no signal may be passed to its group after this."""
+        with self._attach_lock:
+            self.tree, self.sequence = None, None
+
+    def guard(self, what: str, seconds: float, kind: str = "hook") -> _Section:
+        """``with sentinel.guard("hook X.after_run", 60): ...`` raises Overrun past the deadline."""
+        return _Section(self, what, seconds, kind)
+
+    def wake(self) -> None:
+        self._wake.wake()
+
+    def post(self, event: Event) -> None:
+        self.events.append(event)
+        self.loop_waker.wake()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.wake()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5.0)
+        self.inbox.close()
+        self.loop_waker.close()
+        self._wake.close()
+
+    def _interrupt_main(self, signum, frame):
+        """INTERRUPT_SIGNAL's handler, run on the main thread."""
+        section = self._section
+        if section is not None and section[0] == self._fired:
+            raise Overrun(section[2], section[3] if section[4] != "write" else self.write_limit)
+
+    # -- the sentinel's own thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self.inbox.fileno(), select.POLLIN)
+        poller.register(self._wake.fileno(), select.POLLIN)
+        while not self._closing:
+            now = time.monotonic()
+            wake_at = now + self.check_interval
+            sequence = self.sequence
+            if sequence is not None and sequence.next_wake() is not None:
+                wake_at = min(wake_at, sequence.next_wake())
+            section = self._section
+            if section is not None and section[0] != self._fired:
+                wake_at = min(wake_at, self._deadline_of(section))
+            try:
+                poller.poll(max(0.0, wake_at - now) * 1000.0)
+            except InterruptedError:
+                pass
+            if self._closing:
+                return
+            self._wake.clear()
+            for signum in self.inbox.drain():
+                self._on_signal(signum)
+            self._advance_sequence()
+            self._check_section(time.monotonic())
+
+    def _on_signal(self, signum: int) -> None:
+        if signum == INTERRUPT_SIGNAL:
+            return
+        with self._attach_lock:
+            tree, sequence = self.tree, self.sequence
+            if signum == signal.SIGCHLD:
+                if tree is not None:
+                    tree.reap_orphans()  # no zombie piles up under a subreaper or PID 1
+                    if self.foreground is not None and tree.poll_stopped():
+                        self.foreground.suspend(tree)  # Ctrl-Z: returns once we are continued
+                self.post(Event(CHILD, signum))
+                return
+            terminating = signum in TERMINATING_SIGNALS
+            if terminating and self.received_signal is None:
+                self.received_signal = signum
+            if terminating and self.cooperative is not None and self.cooperative(signum):
+                self.post(Event(SIGNAL_RECEIVED, signum, "cooperative"))
+                return
+            if tree is not None:
+                tree.signal_group(signum)
+            if signum == signal.SIGWINCH:
+                self.post(Event(WINCH, signum))
+            if terminating:
+                started = sequence.begin(already_sent=signum) if sequence is not None else False
+                self.post(Event(SIGNAL_RECEIVED, signum, "started" if started else "again"))
+            else:
+                self.post(Event(SIGNAL_PASSED, signum))
+
+    def _advance_sequence(self) -> None:
+        with self._attach_lock:
+            sequence = self.sequence
+            if sequence is None:
+                return
+            sequence.advance()
+            if sequence.finished and self._finished_said is not sequence:
+                self._finished_said = sequence
+                self._finished_at = time.monotonic()
+                self.post(Event(STOP_PROGRESS, None, ""))  # the loop looks at the sequence
+
+    def _deadline_of(self, section) -> float:
+        # A write is bounded only once the tree is down: before that, a slow reader
+        # slows the command as it would without stopstep.
+        return section[1] if section[4] != "write" else min(section[1], self._finished_at + self.write_limit)
+
+    def _check_section(self, now: float) -> None:
+        section = self._section
+        if section is None:
+            return
+        token, _deadline, what, seconds, kind = section
+        if now < self._deadline_of(section):
+            return
+        if kind == "write":
+            seconds = self.write_limit
+        if token != self._fired:
+            self._fired, self._fired_at = token, now
+            if kind == "hook":
+                self.post(Event(OVERRUN, None, f"{what} did not return within {seconds:g}s"))
+                with self._attach_lock:
+                    if self.sequence is not None:
+                        self.sequence.begin()  # the tree goes down whatever the main thread does
+        elif self.on_abandon is not None and not self._abandoned:
+            sequence = self.sequence
+            if (sequence is None or sequence.finished) and now - self._fired_at >= ABANDON_AFTER:
+                self._abandoned = True
+                self.on_abandon()
+                return
+        try:
+            signal.pthread_kill(self._main_ident, INTERRUPT_SIGNAL)  # again, while it stays in there
+        except (ProcessLookupError, OSError):
+            pass
