@@ -1,5 +1,5 @@
-"""stopstep: supervise a training command from outside and stop it cleanly at a
-global step, with a hook lifecycle modelled on TensorFlow's session-run hooks.
+"""stopstep: supervise a training command and stop it cleanly at a global step,
+with a hook lifecycle modelled on TensorFlow's session-run hooks.
 
 The public API, stable across minor versions::
 
@@ -7,58 +7,52 @@ The public API, stable across minor versions::
         SessionRunHook, SessionRunArgs, SessionRunContext, SessionRunValues,
         StopAtStepHook, StallHook, TimeLimitHook, NanLossHook,
         TrainingSession, Coordinator, Supervisor, RunReport, Observation,
-        StepFormat, PRESETS, LogFileSource, CheckpointSource,
+        StepFormat, PRESETS, DEFAULT_FORMAT, compile_user_pattern,
+        LogFileSource, CheckpointSource,
     )
+
+Names are loaded when first used, so that ``import stopstep_cli`` (and
+``from stopstep_cli import beacon`` inside a training loop) costs next to nothing.
 """
 
 __version__ = "0.1.0"
 
-from .hooks import (  # noqa: E402
-    Coordinator,
-    SessionRunArgs,
-    SessionRunContext,
-    SessionRunHook,
-    SessionRunValues,
-    StopAtStepHook,
-    TrainingSession,
-)
-from .patterns import DEFAULT_FORMAT, PRESETS, StepFormat, compile_user_pattern  # noqa: E402
-from .report import RunReport  # noqa: E402
-from .observation import Observation  # noqa: E402
-from .standard_hooks import NanLossHook, StallHook, TimeLimitHook  # noqa: E402
+#: public name -> the module that defines it
+_PUBLIC = {
+    "Coordinator": "hooks",
+    "SessionRunArgs": "hooks",
+    "SessionRunContext": "hooks",
+    "SessionRunHook": "hooks",
+    "SessionRunValues": "hooks",
+    "StopAtStepHook": "hooks",
+    "TrainingSession": "hooks",
+    "StallHook": "standard_hooks",
+    "TimeLimitHook": "standard_hooks",
+    "NanLossHook": "standard_hooks",
+    "DEFAULT_FORMAT": "patterns",
+    "PRESETS": "patterns",
+    "StepFormat": "patterns",
+    "compile_user_pattern": "patterns",
+    "RunReport": "report",
+    "Observation": "observation",
+    "Supervisor": "supervisor",
+    "CheckpointSource": "sources",
+    "LogFileSource": "sources",
+}
+
+__all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name):
-    # The supervisor and the file sources pull in more; load them only when asked for.
-    if name == "Supervisor":
-        from .supervisor import Supervisor
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stopstep_cli' has no attribute {name!r}")
+    import importlib
 
-        return Supervisor
-    if name in ("CheckpointSource", "LogFileSource"):
-        from . import sources
-
-        return getattr(sources, name)
-    raise AttributeError(name)
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
 
 
-__all__ = [
-    "CheckpointSource",
-    "Coordinator",
-    "LogFileSource",
-    "NanLossHook",
-    "StallHook",
-    "TimeLimitHook",
-    "DEFAULT_FORMAT",
-    "Observation",
-    "PRESETS",
-    "RunReport",
-    "SessionRunArgs",
-    "SessionRunContext",
-    "SessionRunHook",
-    "SessionRunValues",
-    "StepFormat",
-    "StopAtStepHook",
-    "Supervisor",
-    "TrainingSession",
-    "compile_user_pattern",
-]
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -12,12 +12,12 @@ import click
 from . import __version__
 from .console import NORMAL, QUIET, VERBOSE, Console
 from .errors import StopstepError, UsageError
-from .outcome import EXIT_USAGE
 from .hooks import StopAtStepHook
 from .layouts import LAYOUT_NAMES, make_layout
+from .outcome import EXIT_USAGE
 from .patterns import PRESETS, PatternError, compile_user_pattern, resolve_formats
-from .signals import parse_stop_signal
 from .report import check_report_path, write_report
+from .signals import parse_stop_signal
 
 # Options end at the command's first word, so its own options stay its own.
 _RUN_CONTEXT = {"allow_interspersed_args": False}

@@ -20,7 +20,16 @@ in TensorFlow's ``MonitoredSession`` (``tensorflow/python/training/monitored_ses
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, List, Mapping, NamedTuple, Optional, Sequence
+from typing import (
+    Any,
+    Callable,
+    Iterable,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+)
 
 
 class SessionRunArgs(NamedTuple):

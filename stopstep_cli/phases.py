@@ -50,8 +50,7 @@ class Timers:
             self.clear(name)
             return
         self._due[name] = when
-        if self._next is None or when < self._next:
-            self._next = when
+        self._next = min(self._due.values())
 
     def clear(self, name: str) -> None:
         if self._due.pop(name, None) is not None:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import stat
 from typing import Dict
 
 from .errors import StopstepError, UsageError
-
-#: Why a run ended (the report's ``reason``).
-TARGET_REACHED = "target_reached"
-PROCESS_EXITED = "process_exited"
-SIGNAL = "signal"
+from .outcome import PROCESS_EXITED
 
 
 class RunReport:
@@ -61,35 +60,100 @@ class RunReport:
 
 
 def write_report(path: str, report: RunReport) -> None:
-    """Write ``report`` to ``path`` so that readers see the old file or the whole new one."""
+    """Write ``report`` where ``path`` leads, so that nothing the user owns is lost.
+
+    - A regular file (or none yet) is replaced atomically: a temporary file in
+      the same directory, then a rename. Through a symlink, the file the link
+      points at is replaced and the link is kept.
+    - What is not a regular file (a pipe, a terminal, ``/dev/stdout``) is written
+      to as it is; and a ``/dev/fd/N`` or ``/proc/.../fd/N`` link to a regular
+      file (``/dev/stdout`` redirected to a file) is appended to, not replaced:
+      it is someone's output.
+    """
+    data = report.to_json().encode()
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise StopstepError(f"cannot write report {path}: {exc.strerror}") from None
+    if st is not None and (not stat.S_ISREG(st.st_mode) or _names_a_descriptor(path)):
+        _write_in_place(path, data, append=stat.S_ISREG(st.st_mode))
+    else:
+        _replace_atomically(os.path.realpath(path), data, path)
+
+
+def _names_a_descriptor(path: str) -> bool:
+    """/dev/stdout, /dev/fd/1, /proc/self/fd/1: an open file of some process, not a name to replace."""
+    real = os.path.abspath(path)
+    for _ in range(40):
+        if re.match(r"^/(?:dev/(?:std(?:in|out|err)|fd/\d+)|proc/(?:self|thread-self|\d+)/fd/\d+)$", real):
+            return True
+        if not os.path.islink(real):
+            return False
+        real = os.path.join(os.path.dirname(real), os.readlink(real))
+    return False
+
+
+def _write_in_place(path: str, data: bytes, append: bool) -> None:
+    flags = os.O_WRONLY | os.O_NONBLOCK | (os.O_APPEND if append else 0)
+    try:
+        fd = os.open(path, flags)  # non-blocking: a FIFO nobody reads must not hang the end
+    except OSError as exc:
+        why = "nobody reads that pipe" if exc.errno == errno.ENXIO else exc.strerror
+        raise StopstepError(f"cannot write report {path}: {why}") from None
+    try:
+        os.set_blocking(fd, True)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as exc:
+        raise StopstepError(f"cannot write report {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _replace_atomically(real: str, data: bytes, given: str) -> None:
     import tempfile
 
-    directory = os.path.dirname(os.path.abspath(path))
-    data = report.to_json().encode()
+    directory = os.path.dirname(real)
     try:
         fd, tmp = tempfile.mkstemp(prefix=".stopstep-report-", dir=directory)
     except OSError as exc:
-        raise StopstepError(f"cannot write report {path}: {exc.strerror}") from None
+        raise StopstepError(f"cannot write report {given}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        os.replace(tmp, real)
     except OSError as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise StopstepError(f"cannot write report {path}: {exc.strerror}") from None
+        raise StopstepError(f"cannot write report {given}: {exc.strerror}") from None
 
 
 def check_report_path(path: str) -> None:
     """Fail before the run, not after hours of training, if the report cannot be written."""
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    if os.path.isdir(path):
+    if not path:
+        raise UsageError("--report needs a path (it was empty)")
+    if path.startswith("-"):
+        raise UsageError(f"--report {path!r} looks like an option; give the report's path "
+                         f"(./{path} if that is really its name)")
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
         raise UsageError(f"--report {path} is a directory")
+    if st is not None and (not stat.S_ISREG(st.st_mode) or _names_a_descriptor(path)):
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"--report {path} is not writable")
+        return
+    directory = os.path.dirname(os.path.realpath(path)) or "."
     if not os.path.isdir(directory):
         raise UsageError(f"--report directory {directory} does not exist")
     if not os.access(directory, os.W_OK | os.X_OK):

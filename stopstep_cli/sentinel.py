@@ -60,9 +60,10 @@ class Overrun(BaseException):
     hook does not swallow it.
     """
 
-    def __init__(self, what: str, seconds: float):
-        super().__init__(f"{what} did not return within {seconds:g}s")
-        self.what, self.seconds = what, seconds
+    def __init__(self, what: str, seconds: float, after_the_tree: bool = False):
+        when = "of the tree coming down" if after_the_tree else ""
+        super().__init__(f"{what} did not return within {seconds:g}s {when}".rstrip())
+        self.what, self.seconds, self.after_the_tree = what, seconds, after_the_tree
 
 
 class _Section:
@@ -74,7 +75,8 @@ class _Section:
     def __enter__(self):
         sentinel = self.sentinel
         sentinel._token += 1
-        sentinel._section = (sentinel._token, time.monotonic() + self.seconds, self.what, self.seconds, self.kind)
+        now = time.monotonic()
+        sentinel._section = (sentinel._token, now + self.seconds, self.what, self.seconds, self.kind, now)
         return self
 
     def __exit__(self, *exc_info):
@@ -152,7 +154,8 @@ class Sentinel:
         """INTERRUPT_SIGNAL's handler, run on the main thread."""
         section = self._section
         if section is not None and section[0] == self._fired:
-            raise Overrun(section[2], section[3] if section[4] != "write" else self.write_limit)
+            cut_short = time.monotonic() < section[1]
+            raise Overrun(section[2], self.write_limit if cut_short else section[3], cut_short)
 
     # -- the sentinel's own thread -----------------------------------------------------------
 
@@ -221,22 +224,26 @@ class Sentinel:
                 self.post(Event(STOP_PROGRESS, None, ""))  # the loop looks at the sequence
 
     def _deadline_of(self, section) -> float:
-        # A write is bounded only once the tree is down: before that, a slow reader
-        # slows the command as it would without stopstep.
-        return section[1] if section[4] != "write" else min(section[1], self._finished_at + self.write_limit)
+        # Once the tree is down, what was already under way (a write to a reader that
+        # stopped reading, a hook that sleeps) gets write_limit more, then the run ends
+        # without it. Before that, a slow reader slows the command as it would without
+        # stopstep, and a hook has its own --hook-timeout.
+        if section[5] <= self._finished_at:
+            return min(section[1], self._finished_at + self.write_limit)
+        return section[1]
 
     def _check_section(self, now: float) -> None:
         section = self._section
         if section is None:
             return
-        token, _deadline, what, seconds, kind = section
+        token, deadline, what, seconds, kind, _armed = section
         if now < self._deadline_of(section):
             return
-        if kind == "write":
+        if now < deadline:  # cut short: the tree is down
             seconds = self.write_limit
         if token != self._fired:
             self._fired, self._fired_at = token, now
-            if kind == "hook":
+            if kind == "hook" and now >= deadline:
                 self.post(Event(OVERRUN, None, f"{what} did not return within {seconds:g}s"))
                 with self._attach_lock:
                     if self.sequence is not None:

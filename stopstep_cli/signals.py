@@ -86,6 +86,31 @@ def parse_stop_signal(value) -> signal.Signals:
     return signum
 
 
+# Signals caught before the inbox exists (the command line installs this first
+# thing, before parsing), so a SIGTERM in the first milliseconds still ends the
+# run through the usual path, report included, instead of killing stopstep.
+_early_caught: List[int] = []
+_early_original: Dict[int, object] = {}
+
+
+def _note_early(signum, frame):
+    _early_caught.append(signum)
+
+
+def catch_early(signals: Sequence[int] = FORWARDED_SIGNALS) -> None:
+    """Hold the signals stopstep will pass on until the inbox takes over (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in signals:
+        try:
+            current = signal.getsignal(signum)
+            if current != signal.SIG_IGN:  # an inherited ignore stays (nohup)
+                _early_original[signum] = current
+                signal.signal(signum, _note_early)
+        except (OSError, ValueError):
+            pass
+
+
 class SignalInbox:
     """Signals delivered to stopstep, as bytes on a pipe any thread can read.
 
@@ -107,7 +132,11 @@ class SignalInbox:
             return
         self._previous_wakeup = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
         for signum in self.signals:
-            self._previous[signum] = signal.signal(signum, _do_nothing)
+            previous = signal.signal(signum, _do_nothing)
+            self._previous[signum] = _early_original.pop(signum, previous) if previous is _note_early else previous
+        if _early_caught:  # hand over what came before us, in order
+            os.write(self._write_fd, bytes(_early_caught))
+            _early_caught.clear()
         if interrupt_handler is not None:
             self._previous[INTERRUPT_SIGNAL] = signal.signal(INTERRUPT_SIGNAL, interrupt_handler)
         # A job-control stop of a backgrounded stopstep would freeze the tree's output.

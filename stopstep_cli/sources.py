@@ -21,8 +21,8 @@ import time
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from .layouts import Layout, detect_layout, make_layout
-from .patterns import StepFormat
 from .observation import CHECKPOINT, LOG_FILE, Observation
+from .patterns import StepFormat
 from .scanner import LineScanner
 from .waker import Waker
 
@@ -84,6 +84,13 @@ class FileWatcher:
         self._observer.stop()
 
 
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
 def _nearest_existing(path: str) -> str:
     path = os.path.abspath(path)
     while not os.path.isdir(path):
@@ -112,6 +119,7 @@ class StepSource:
     kind = ""
     poll: Optional[float] = None
     next_due: Optional[float] = None
+    debug = staticmethod(lambda text: None)  # what -v shows of what the source sees
 
     def resume_point(self) -> Optional[Observation]:
         return None
@@ -423,13 +431,17 @@ class CheckpointSource(_Watched):
         out = []
         for name, step in sorted(self.pending.items(), key=lambda item: item[1]):
             if not os.path.exists(os.path.join(self.root, name)):
-                del self.pending[name]  # deleted before it finished
-                continue
-            if self.layout.is_complete(self.root, name, step):
                 del self.pending[name]
-                if self.done_step is None or step > self.done_step:
-                    self.done_step, self.last_path = step, os.path.join(self.root, self.layout.checkpoint_name(name))
-                    out.append(self._observation(step))
+                self.debug(f"{self.name}: {name} was deleted before it was complete")
+                continue
+            if not self.layout.is_complete(self.root, name, step):
+                self.debug(f"{self.name}: {name} (step {step}) is not complete yet "
+                           f"({_size(os.path.join(self.root, name))} bytes)")
+                continue
+            del self.pending[name]
+            if self.done_step is None or step > self.done_step:
+                self.done_step, self.last_path = step, os.path.join(self.root, self.layout.checkpoint_name(name))
+                out.append(self._observation(step))
         self.pending = {n: s for n, s in self.pending.items() if self.done_step is None or s > self.done_step}
         self._plan_relook()
         return out

@@ -13,7 +13,14 @@ import math
 import time
 from typing import Optional
 
-from .hooks import Coordinator, SessionRunArgs, SessionRunContext, SessionRunHook, SessionRunValues, TrainingSession
+from .hooks import (
+    Coordinator,
+    SessionRunArgs,
+    SessionRunContext,
+    SessionRunHook,
+    SessionRunValues,
+    TrainingSession,
+)
 
 EXIT_TIMEOUT = 124  # as coreutils timeout
 EXIT_NAN = 4

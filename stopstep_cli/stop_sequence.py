@@ -158,7 +158,7 @@ class StopSequence:
                     self.notify(f"giving up: still alive {KILL_SWEEP_LIMIT:g}s after SIGKILL: {left}")
                     return None
                 self.tree.kill_all(members or [])  # a helper may still be forking
-                self._next_check = now + KILL_SWEEP_INTERVAL
+                self._next_check = min(now + KILL_SWEEP_INTERVAL, self._deadline)
                 return self._next_check
             self._schedule(now)
             return self._next_check

@@ -27,7 +27,14 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequenc
 from . import outcome
 from .console import Console
 from .errors import StopstepError
-from .hooks import Coordinator, HookFailed, HookRunner, SessionRunHook, StopAtStepHook, TrainingSession
+from .hooks import (
+    Coordinator,
+    HookFailed,
+    HookRunner,
+    SessionRunHook,
+    StopAtStepHook,
+    TrainingSession,
+)
 from .observation import Observation
 from .outcome import RunFacts, conclude
 from .patterns import StepFormat, resolve_formats
@@ -36,7 +43,16 @@ from .process import Guardian, ProcessTree, Subreaper, ensure_standard_fds
 from .pump import OutputPump, Stream
 from .report import RunReport
 from .restart import RestartPolicy
-from .sentinel import CHILD, OVERRUN, SIGNAL_RECEIVED, STOP_PROGRESS, WINCH, Event, Overrun, Sentinel
+from .sentinel import (
+    CHILD,
+    OVERRUN,
+    SIGNAL_RECEIVED,
+    STOP_PROGRESS,
+    WINCH,
+    Event,
+    Overrun,
+    Sentinel,
+)
 from .signals import FORWARDED_SIGNALS, all_catchable_signals
 from .stop_sequence import StopSequence
 
@@ -292,16 +308,21 @@ class Supervisor:
             elif event.text:
                 self._pending.append(event.text)
 
+    def _signal_came_first(self) -> None:
+        """A terminating signal the sentinel took is the cause of the stop, if nothing came
+        before it (the loop may hear of it late, from inside a slow hook)."""
+        received = self._sentinel.received_signal if self._sentinel is not None else None
+        if received is not None and self.cause is None:
+            self.cause = StopCause(outcome.SIGNAL, outcome.exit_for_signal(received))
+
     def _on_signal_received(self, signum: int, how: str) -> None:
         name = signal.Signals(signum).name
-        self.report.received_signal = self.report.received_signal or name
-        if self.cause is None:
-            self.cause = StopCause(outcome.SIGNAL, outcome.exit_for_signal(signum))
+        self._signal_came_first()
         if self.phase in (Phase.STARTING, Phase.RESTART_DELAY):
             self.console.info(f"received {name}; ending the run")
             self._enter(Phase.DONE)
-        elif how == "again":
-            self.console.debug(f"passed {name} on again; the grace period is not restarted")
+        elif how == "again" or self.phase in (Phase.DRAINING, Phase.DONE):
+            self.console.debug(f"passed {name} on; the grace period is not restarted")
         else:
             self.console.info(f"received {name}; passed it on and waiting up to "
                               f"{self.grace_period:g}s for the command")
@@ -382,6 +403,7 @@ class Supervisor:
 
     def _end_attempt(self) -> None:
         """The tree is down: pass on what the pipes hold, reap, record; restart or finish."""
+        self._on_sentinel_events()  # what it said while the loop was busy
         self.pump.drain(time.monotonic() + DRAIN_LIMIT, self._drained)
         for stream in list(self.pump.streams.values()):
             self._poller_forget(stream.in_fd)
@@ -491,9 +513,12 @@ class Supervisor:
     def _hook_failed(self, failure: HookFailed) -> None:
         if self.hook_error is not None:
             return
+        self._signal_came_first()
         self.hook_error = failure
         error = failure.error
-        if isinstance(error, (Overrun, TimeoutError)):
+        if isinstance(error, Overrun) and error.after_the_tree:
+            self.console.error(f"{error}; ending without it")
+        elif isinstance(error, (Overrun, TimeoutError)):
             self.console.error(f"{error} (--hook-timeout {self.hook_timeout:g}); stopping")
         else:
             self.console.error(f"hook {failure.where} raised {type(error).__name__}: {error}")
@@ -507,6 +532,7 @@ class Supervisor:
     def _request_stop(self, reason: Optional[str], exit_code: int, message: Optional[str] = None,
                       obs: Optional[Observation] = None) -> None:
         """A hook (or a timer) asked to stop: now, or once the checkpoint is whole."""
+        self._signal_came_first()
         if self.cause is not None:
             return
         reason = reason or outcome.HOOK_REQUESTED
@@ -553,6 +579,7 @@ class Supervisor:
         """The latest complete checkpoint now is where the (re)started command resumes."""
         resumed = None
         for source in self.sources:
+            source.debug = self.console.debug
             found = source.resume_point()  # a log file is opened here, before the command can write to it
             if found is None:
                 continue
@@ -584,6 +611,7 @@ class Supervisor:
         seen: List[Observation] = []
         for source in self.sources:
             seen += source.start(self._watcher)
+            self.console.debug(f"watching {source.name}" + (f" every {source.poll:g}s" if source.poll else ""))
         return seen
 
     def _on_file_events(self) -> None:
@@ -668,6 +696,8 @@ class Supervisor:
             or (facts.stop_reason is None and status == 0))
         if self.hook_error is None and ended_well:
             self._run_hooks(lambda: self.runner.end(self.session))
+            if self.hook_error is not None:  # a failed end() fails the run, whatever stopped it
+                self.cause = StopCause(outcome.HOOK_ERROR, outcome.EXIT_HOOK_FAILED)
             facts = self._facts()
         self._conclude(facts)
 

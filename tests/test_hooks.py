@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-
 import pytest
+from helpers import trainer
 
-from conftest import trainer
 from stopstep_cli import (
     Coordinator,
     SessionRunArgs,
@@ -47,8 +46,13 @@ class TestStopAtStepHookLikeTensorFlow:
             StopAtStepHook(num_steps=10, last_step=20)
 
     def test_zero_and_negative_pass_like_tf(self):
-        StopAtStepHook(num_steps=0)
-        StopAtStepHook(last_step=-1)
+        # TensorFlow validates neither: both stop at the first observation.
+        hook = StopAtStepHook(num_steps=0)
+        session = started(hook, 7)
+        assert hook.last_step == 7 and observe(hook, session, 7)
+        hook = StopAtStepHook(last_step=-1)
+        session = started(hook, None)
+        assert hook.last_step == -1 and observe(hook, session, 0)
 
     def test_stop_using_last_step(self):
         hook = StopAtStepHook(last_step=10)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from stopstep_cli.patterns import DEFAULT_FORMAT, PRESETS, PatternError, compile_user_pattern, resolve_formats
+from stopstep_cli.patterns import (
+    DEFAULT_FORMAT,
+    PRESETS,
+    PatternError,
+    compile_user_pattern,
+    resolve_formats,
+)
 from stopstep_cli.scanner import LineScanner
 
 

@@ -9,9 +9,16 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import FAKE_TRAINER, STOPSTEP, assert_all_gone, read_pids, run_stopstep, stderr_lines, trainer, run_with_report
-
+from helpers import (
+    FAKE_TRAINER,
+    STOPSTEP,
+    assert_all_gone,
+    read_pids,
+    run_stopstep,
+    run_with_report,
+    stderr_lines,
+    trainer,
+)
 
 # -- reaching the target -------------------------------------------------------
 

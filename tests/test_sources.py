@@ -6,10 +6,9 @@ import json
 import os
 
 import pytest
+from helpers import assert_all_gone, read_pids, run_stopstep, run_with_report, trainer
 
-from conftest import assert_all_gone, read_pids, run_stopstep, trainer, run_with_report
 from stopstep_cli.layouts import make_layout
-
 
 QUIET_TRAINER = ("--format", "training...")  # prints no step: checkpoints are the only source
 
@@ -127,8 +126,9 @@ def test_log_file_that_appears_later_and_is_truncated(tmp_path):
     )
     import sys
 
-    result, report = run_with_report(tmp_path, "--last-step", "5", "--log-file", log, "--", sys.executable, "-c", script)
-    assert result.returncode == 0
+    result, report = run_with_report(tmp_path, "-v", "--last-step", "5", "--log-file", log, "--",
+                                     sys.executable, "-c", script)
+    assert result.returncode == 0, result.stderr.decode()
     assert report["last_step_seen"] == 5
 
 

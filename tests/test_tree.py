@@ -7,7 +7,15 @@ import json
 import signal
 import sys
 
-from conftest import assert_all_gone, read_pids, run_stopstep, start_stopstep, trainer, wait_for_file, wait_for_output
+from helpers import (
+    assert_all_gone,
+    read_pids,
+    run_stopstep,
+    start_stopstep,
+    trainer,
+    wait_for_file,
+    wait_for_output,
+)
 
 
 def test_a_slow_graceful_shutdown_is_waited_for(tmp_path):
