@@ -16,8 +16,11 @@ from .hooks import StopAtStepHook
 from .layouts import LAYOUT_NAMES, make_layout
 from .outcome import EXIT_USAGE
 from .patterns import PRESETS, PatternError, compile_user_pattern, resolve_formats
+from .progress import Progress, github_step_summary
 from .report import check_report_path, write_report
 from .signals import parse_stop_signal
+from .standard_hooks import NanLossHook, StallHook, TimeLimitHook
+from .terminal import is_terminal
 
 # Options end at the command's first word, so its own options stay its own.
 _RUN_CONTEXT = {"allow_interspersed_args": False}
@@ -166,8 +169,6 @@ def run(**opts) -> int:
                 console.error(str(exc))
                 if report.exit_code == 0:
                     report.exit_code = exc.exit_code
-        from .progress import github_step_summary
-
         github_step_summary(report)
         return report.exit_code
 
@@ -178,9 +179,6 @@ def run(**opts) -> int:
 
 def _hooks(opts) -> list:
     """The built-in hooks the options ask for, then the user's, in that order."""
-    from .standard_hooks import NanLossHook, StallHook, TimeLimitHook
-    from .user_hooks import HookLoadError, load_hooks, parse_hook_args
-
     hooks = []
     if opts["stall_timeout"] or opts["first_step_timeout"]:
         hooks.append(StallHook(opts["stall_timeout"], opts["first_step_timeout"]))
@@ -190,17 +188,21 @@ def _hooks(opts) -> list:
         hooks.append(NanLossHook(opts["nan_field"]))
     if opts["hook_args"] and not opts["hook_specs"]:
         raise UsageError("--hook-arg needs --hook")
-    try:
-        hooks += load_hooks(opts["hook_specs"], parse_hook_args(opts["hook_args"]))
-    except HookLoadError as exc:
-        raise UsageError(str(exc)) from None
+    if opts["hook_specs"]:
+        from .user_hooks import (  # inspect: only when needed
+            HookLoadError,
+            load_hooks,
+            parse_hook_args,
+        )
+
+        try:
+            hooks += load_hooks(opts["hook_specs"], parse_hook_args(opts["hook_args"]))
+        except HookLoadError as exc:
+            raise UsageError(str(exc)) from None
     return hooks
 
 
 def _progress(opts):
-    from .progress import Progress
-    from .terminal import is_terminal
-
     mode = opts["progress"]
     if opts["quiet"] or mode == "never":
         return None

@@ -229,6 +229,20 @@ class HookFailed(Exception):
         self.where = where or f"{type(hook).__name__}.{method}"
         super().__init__(f"hook {self.where} failed: {type(error).__name__}: {error}")
 
+    def explain(self, hook_timeout: float) -> List[str]:
+        """What to tell the user: one line saying what happened, then the hook's traceback."""
+        import traceback
+
+        error = self.error
+        if getattr(error, "after_the_tree", False):  # an Overrun cut short once the tree was down
+            first = f"{error}; ending without it"
+        elif isinstance(error, TimeoutError) or hasattr(error, "after_the_tree"):
+            first = f"{error} (--hook-timeout {hook_timeout:g}); stopping"
+        else:
+            first = f"hook {self.where} raised {type(error).__name__}: {error}"
+        trace = "".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip()
+        return [first, trace.replace("\n", "\n    ")]
+
 
 def call_contained(hook: object, method: str, *args: Any) -> Any:
     """Call one hook method; whatever it raises becomes :class:`HookFailed`."""

@@ -5,7 +5,7 @@ A :class:`Layout` is data (the regex that turns an entry of the checkpoint
 directory into a step, the names to ignore, the names that identify the
 layout) plus one small completeness check. A checkpoint being written is
 never taken as done: every check below follows the framework's own write
-order (``../shared/reference/frameworks.md``).
+order (the frameworks' own save code; README, "Checkpoint directories").
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import time
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 # -- file checks ------------------------------------------------------------------
@@ -126,11 +127,11 @@ class Layout:
 
     def __init__(self, name: str, entry: str, complete: Callable[["Layout", str, str, int], bool],
                  markers: str = "", ignore: str = r"^$", counts: str = "steps", description: str = "",
-                 example: str = "", checkpoint_name: Callable[[str], str] = lambda name: name):
+                 checkpoint_name: Callable[[str], str] = lambda name: name):
         self.name, self.complete = name, complete
         self.checkpoint_name = checkpoint_name  # the entry -> what users call the checkpoint (TF: its prefix)
         self.markers, self.ignore, self.counts = markers, ignore, counts
-        self.description, self.example = description, example
+        self.description = description
         self.state: Dict[str, object] = {}
         self.entry = entry
 
@@ -272,8 +273,6 @@ def _fairseq_complete(layout, root, name, step) -> bool:
 
 def _generic_complete(layout, root, name, step) -> bool:
     """Size and modification time unchanged across two looks at least ``settle`` apart."""
-    import time
-
     path = os.path.join(root, name)
     signature = _tree_signature(path)
     if signature is None:
@@ -323,7 +322,6 @@ def _layouts() -> Dict[str, Layout]:
                 markers=r"^(?:tmp-)?checkpoint-\d+$",
                 ignore=r"^tmp-",
                 description="Hugging Face Trainer: checkpoint-N/, done when trainer_state.json has global_step N",
-                example="stopstep run --num-steps 500 --checkpoint-dir out --layout hf -- python train.py --output_dir out",
             ),
             Layout(
                 "lightning",
@@ -331,7 +329,6 @@ def _layouts() -> Dict[str, Layout]:
                 _lightning_complete,
                 markers=r"(?:step=\d+.*|^last)\.ckpt$",
                 description="PyTorch Lightning ModelCheckpoint: epoch=E-step=N.ckpt, done when the zip archive is whole",
-                example="stopstep run --last-step 2000 --checkpoint-dir lightning_logs/version_0/checkpoints --layout lightning -- python train.py",
             ),
             Layout(
                 "tf",
@@ -341,7 +338,6 @@ def _layouts() -> Dict[str, Layout]:
                 counts="saves, unless CheckpointManager.save(checkpoint_number=step) (TF Estimator's model.ckpt-N is the step)",
                 checkpoint_name=_tf_prefix,
                 description="TensorFlow: the `checkpoint` state file names ckpt-N, whose .index and every data shard exist",
-                example="stopstep run --last-step 10000 --checkpoint-dir model_dir --layout tf -- python train.py",
             ),
             Layout(
                 "deepspeed",
@@ -349,7 +345,6 @@ def _layouts() -> Dict[str, Layout]:
                 _deepspeed_complete,
                 markers=r"^latest$|^global_step\d+$",
                 description="DeepSpeed: global_stepN/, done when `latest` names it and every *_states.pt is whole",
-                example="stopstep run --last-step 5000 --checkpoint-dir ckpts --layout deepspeed -- deepspeed train.py",
             ),
             Layout(
                 "megatron",
@@ -357,14 +352,12 @@ def _layouts() -> Dict[str, Layout]:
                 _megatron_complete,
                 markers=r"^latest_checkpointed_iteration\.txt$|^iter_\d{7}$",
                 description="Megatron-LM: iter_000000N/, done when latest_checkpointed_iteration.txt says N or more",
-                example="stopstep run --last-step 20000 --checkpoint-dir $CHECKPOINT_PATH --layout megatron -- torchrun ... pretrain_gpt.py",
             ),
             Layout(
                 "torchtitan",
                 r"^step-(?P<step>\d+)$",
                 _torchtitan_complete,
                 description="torchtitan / torch.distributed.checkpoint: step-N/, done when its .metadata exists",
-                example="stopstep run --last-step 1000 --checkpoint-dir outputs/checkpoint --layout torchtitan -- torchrun ... train.py",
             ),
             Layout(
                 "mmengine",
@@ -372,7 +365,6 @@ def _layouts() -> Dict[str, Layout]:
                 _mmengine_complete,
                 markers=r"^last_checkpoint$|^iter_\d+\.pth$",
                 description="MMEngine: iter_N.pth, done when last_checkpoint names it (or a later one) and it is whole; epoch_N.pth counts epochs and is ignored",
-                example="stopstep run --last-step 8000 --checkpoint-dir work_dirs/my_config --layout mmengine -- python tools/train.py my_config.py",
             ),
             Layout(
                 "composer",
@@ -380,7 +372,6 @@ def _layouts() -> Dict[str, Layout]:
                 _composer_complete,
                 markers=r"^ep\d+-ba\d+-rank\d+\.pt$|^latest-rank0",
                 description="MosaicML Composer: ep{E}-ba{N}-rank0.pt, done when the latest-rank0.pt symlink points at it (or later)",
-                example="stopstep run --last-step 3000 --checkpoint-dir checkpoints --layout composer -- composer train.py",
             ),
             Layout(
                 "fairseq",
@@ -389,7 +380,6 @@ def _layouts() -> Dict[str, Layout]:
                 markers=r"^checkpoint_\d+_\d+\.pt$|^checkpoint_last\.pt$",
                 ignore=r"\.tmp$",
                 description="fairseq: checkpoint_E_N.pt (N = num_updates), never .tmp, done when the zip archive is whole",
-                example="stopstep run --last-step 50000 --checkpoint-dir checkpoints --layout fairseq -- fairseq-train ...",
             ),
             Layout(
                 "orbax",
@@ -398,7 +388,6 @@ def _layouts() -> Dict[str, Layout]:
                 markers=r"^\d+$|\.orbax-checkpoint-tmp",
                 ignore=r"\.orbax-checkpoint-tmp",
                 description="JAX orbax CheckpointManager: step directories N (or prefix_N); never a *.orbax-checkpoint-tmp-* one; commit_success.txt where present",
-                example="stopstep run --last-step 10000 --checkpoint-dir /ckpt --layout orbax -- python train.py",
             ),
             Layout(
                 "generic",
@@ -406,7 +395,6 @@ def _layouts() -> Dict[str, Layout]:
                 _generic_complete,
                 markers=r"(?!)",  # never detected: chosen with --layout generic or --checkpoint-pattern
                 description="anything else: the last number in an entry's name (or --checkpoint-pattern), done when its size and mtime are unchanged over two looks",
-                example="stopstep run --last-step 900 --checkpoint-dir ckpt --checkpoint-pattern 'model_(?P<step>\\d+)\\.bin' -- ./train",
             ),
         )
     }

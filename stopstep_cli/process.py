@@ -31,6 +31,7 @@ import sys
 from typing import Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Sequence
 
 from .errors import CommandNotExecutable, CommandNotFound, StopstepError
+from .terminal import open_output_pty
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -216,8 +217,6 @@ class ProcessTree:
 
         ptys = {}
         if stdout_pty or stderr_pty:
-            from .terminal import open_output_pty
-
             if stdout_pty:
                 ptys["stdout"] = open_output_pty(1)
             if stderr_pty:
@@ -322,7 +321,7 @@ class ProcessTree:
                 return
             if info.si_pid in keep:
                 # That one is not ours to reap now; reap the others one by one.
-                for pid in _own_children():
+                for pid in own_children():
                     if pid not in keep:
                         try:
                             os.waitpid(pid, os.WNOHANG)
@@ -380,7 +379,7 @@ class ProcessTree:
         return [table[pid] for pid in sorted(found) if pid in table and table[pid].state != "Z"]
 
 
-def _own_children() -> List[int]:
+def own_children() -> List[int]:
     """stopstep's children, from /proc/self/task/*/children (cheap), else the whole table."""
     pids: List[int] = []
     try:

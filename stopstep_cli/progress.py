@@ -15,7 +15,6 @@ import time
 from typing import Optional
 
 ERASE = b"\r\x1b[K"
-REDRAW_EVERY = 0.25
 
 
 def format_duration(seconds: float) -> str:
@@ -38,7 +37,6 @@ class Progress:
         self.fd = fd
         self.shown = False  # the status line is on the screen now
         self.at_line_start = True  # the last byte written to the terminal ended a line
-        self._last_draw = 0.0
         self._next_redraw = time.monotonic()
         self._next_line = time.monotonic() + status_interval if status_interval else None
         self._rate_since: Optional[tuple] = None  # (time, step) the rate is measured from
@@ -79,12 +77,9 @@ class Progress:
     def after_output(self, last_byte: int) -> None:
         self.at_line_start = last_byte == 10  # "\n"
 
-    def draw(self, now: float, force: bool = False) -> None:
+    def draw(self, now: float) -> None:
         if not self.status_line or not self.at_line_start:
             return
-        if not force and now - self._last_draw < REDRAW_EVERY:
-            return
-        self._last_draw = now
         line = f"stopstep: {self.text(now)}"
         self._write(ERASE + line.encode()[:200])
         self.shown = True
@@ -101,7 +96,7 @@ class Progress:
         if self.status_line:
             # once a second, drawn or not (the command may have a line open): never a busy loop
             self._next_redraw = now + 1.0
-            self.draw(now, force=True)
+            self.draw(now)
         elif self._next_line is not None and now >= self._next_line:
             self._next_line = now + self.status_interval
             console.info(f"progress: {self.text(now)}")

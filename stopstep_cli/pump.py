@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from .observation import Observation
 from .patterns import StepFormat
 from .scanner import LineScanner
+from .terminal import copy_window_size, is_terminal
 
 READ_SIZE = 1 << 20
 
@@ -118,6 +119,23 @@ class OutputPump:
                          f"its {stream.name} is dropped from here on, the run goes on")
                 stream.out_fd = -1
                 return
+
+    def before_message(self) -> None:
+        """stopstep's own line goes on a line of its own, not after a bar left open on stderr."""
+        if self.progress is not None:
+            self.progress.clear()
+        if self.stderr_mid_line:
+            self.stderr_mid_line = False
+            try:
+                os.write(2, b"\n")
+            except OSError:
+                pass
+
+    def resize_ptys(self) -> None:
+        """The terminal was resized: the command's pseudo-terminals follow."""
+        for stream in self.streams.values():
+            if stream.out_fd >= 0 and is_terminal(stream.in_fd):
+                copy_window_size(stream.out_fd, stream.in_fd)
 
     def drop(self, stream: Stream, why: str) -> None:
         """Stop writing a stream (its reader does not take it); keep reading it."""

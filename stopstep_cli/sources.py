@@ -455,3 +455,80 @@ class CheckpointSource(_Watched):
     def _observation(self, step: int) -> Observation:
         return Observation(step, source=self.name, kind=CHECKPOINT, path=self.last_path,
                            line=self.last_path or "", time=time.monotonic())
+
+
+class SourceSet:
+    """The step sources beyond the command's output, driven as one by the loop:
+    one watcher thread (inotify) for those that do not poll, one wake-up pipe."""
+
+    def __init__(self, sources: Iterable[StepSource] = (), debug=lambda text: None):
+        self.sources: List[StepSource] = list(sources)
+        self.debug = debug
+        self._watcher: Optional[FileWatcher] = None
+        self._waker: Optional[Waker] = None
+        for source in self.sources:
+            source.debug = debug
+
+    def __bool__(self) -> bool:
+        return bool(self.sources)
+
+    def resume_points(self) -> List[Observation]:
+        """Before each launch: the latest complete checkpoint of each source that has one."""
+        found = []
+        for source in self.sources:
+            point = source.resume_point()  # a log file is opened here, before the command can write to it
+            if point is not None:
+                self.debug(f"{source.name}: latest complete checkpoint is step {point.step}")
+                found.append(point)
+        return found
+
+    def start(self) -> List[Observation]:
+        """After the first launch (the command is not forked from a process with the
+        watcher's thread): watch, and what the sources see already."""
+        if any(source.poll is None for source in self.sources):
+            self._waker = Waker()
+            self._watcher = FileWatcher(self._waker)
+        seen: List[Observation] = []
+        for source in self.sources:
+            seen += source.start(self._watcher)
+            self.debug(f"watching {source.name}" + (f" every {source.poll:g}s" if source.poll else ""))
+        return seen
+
+    def fileno(self) -> Optional[int]:
+        """What the loop polls for file events (None when every source polls)."""
+        return self._waker.fileno() if self._waker is not None else None
+
+    def on_events(self) -> List[Observation]:
+        self._waker.clear()
+        changed = self._watcher.changed()
+        seen: List[Observation] = []
+        for source in self.sources:
+            if source in changed:
+                seen += source.on_change(changed[source])
+        return seen
+
+    def due(self, now: float) -> List[Observation]:
+        seen: List[Observation] = []
+        for source in self.sources:
+            if source.next_due is not None and source.next_due <= now:
+                seen += source.tick(now)
+        return seen
+
+    def next_due(self) -> Optional[float]:
+        dues = [source.next_due for source in self.sources if source.next_due is not None]
+        return min(dues) if dues else None
+
+    def final(self) -> List[Observation]:
+        """Once the command is gone: the last lines, the final checkpoint."""
+        seen: List[Observation] = []
+        for source in self.sources:
+            seen += source.final()
+        return seen
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
+        if self._watcher is not None:
+            self._watcher.stop()
+        if self._waker is not None:
+            self._waker.close()

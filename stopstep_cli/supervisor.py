@@ -21,7 +21,6 @@ import select
 import signal
 import sys
 import time
-import traceback
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 from . import outcome
@@ -39,7 +38,7 @@ from .observation import Observation
 from .outcome import RunFacts, conclude
 from .patterns import StepFormat, resolve_formats
 from .phases import Phase, Timers, check_move
-from .process import Guardian, ProcessTree, Subreaper, ensure_standard_fds
+from .process import Guardian, ProcessTree, Subreaper, ensure_standard_fds, own_children
 from .pump import OutputPump, Stream
 from .report import RunReport
 from .restart import RestartPolicy
@@ -54,7 +53,10 @@ from .sentinel import (
     Sentinel,
 )
 from .signals import FORWARDED_SIGNALS, all_catchable_signals
+from .sources import SourceSet
+from .steps import StepLedger
 from .stop_sequence import StopSequence
+from .terminal import Foreground, is_terminal, wants_pty
 
 #: How long the pipes may take to give up what they still hold once the tree is down.
 DRAIN_LIMIT = 3.0
@@ -115,7 +117,7 @@ class Supervisor:
         self.env = dict(os.environ if env is None else env)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.console = console or Console()
-        self.sources = list(sources)
+        self.sources = SourceSet(sources, self.console.debug)
         self.stop_after_checkpoint = stop_after_checkpoint
         self.restarts = RestartPolicy(max_restarts, restart_delay)
         self.subreaper, self.guardian_wanted = subreaper, guardian
@@ -131,18 +133,15 @@ class Supervisor:
         self.timers = Timers()
         self.cause: Optional[StopCause] = None  # the first reason a stop was asked for
         self.hook_error: Optional[HookFailed] = None
-        self.global_step: Optional[int] = start_step
+        self.steps = StepLedger(self.report, start_step, self.console.debug)
         self.tree: Optional[ProcessTree] = None
         self.sequence: Optional[StopSequence] = None
         self.pump = OutputPump(self.formats, self._say, progress, self._guard_write)
         self._poller = select.poll()
         self._sentinel: Optional[Sentinel] = None
-        self._watcher = self._file_waker = None
         self._foreground = self._guardian = None
         self._subreaper = Subreaper()
         self._pending: List[str] = []  # our messages, held until the read that caused them is written
-        self._source_steps: Dict[str, int] = {}
-        self._first_seen_at = self._last_seen_at = None
         self._started = self._attempt_started = 0.0
 
     # -- the run --------------------------------------------------------------------
@@ -157,14 +156,12 @@ class Supervisor:
                                   check_interval=min(1.0, self.hook_timeout / 4), write_limit=DRAIN_LIMIT)
         self._sentinel.on_abandon = self._abandon if self.on_abandon is not None else None
         self._poller.register(self._sentinel.loop_waker.fileno(), select.POLLIN)
-        self.console.before_write = self._before_message
+        self.console.before_write = self.pump.before_message
         try:
             self._sentinel.start()
             if self.subreaper or pid1:
                 self._subreaper.enable()
             if self.foreground_wanted:
-                from .terminal import Foreground
-
                 self._foreground = self._sentinel.foreground = Foreground(0)
             self._run_hooks(self.runner.begin)
             while self.phase is not Phase.DONE:
@@ -185,16 +182,15 @@ class Supervisor:
 
     def _launch(self) -> None:
         """Start (or restart) the command and open its session."""
-        from .terminal import is_terminal, wants_pty
-
         self._on_sentinel_events()  # a signal that came before the launch ends the run here
         if self.phase is not Phase.STARTING:
             return
         self._resume_point()
         foreground = self._foreground if self._foreground is not None and self._foreground.active else None
+        # stopstep's children that are not the tree's: its host's own (API), the guardian
+        foreign = self.tree.foreign if self.tree is not None else frozenset(own_children() if self.subreaper else ())
         tree = self.tree = ProcessTree(self.argv, self.env, self.stop_signal,
-                                       adopts_orphans=self.subreaper or os.getpid() == 1,
-                                       foreign=self._foreign_pids())
+                                       adopts_orphans=self.subreaper or os.getpid() == 1, foreign=foreign)
         self.sequence = StopSequence(tree, self.stop_signal, self.grace_period, notify=self._sentinel_says)
         tree.spawn(stdout_pty=wants_pty(self.tty, 1), stderr_pty=wants_pty(self.tty, 2),
                    child_setup=foreground.child_setup if foreground else None)
@@ -221,7 +217,9 @@ class Supervisor:
         self._enter(Phase.RUNNING)
         seen_at_start: List[Observation] = []
         if not self.report.attempts:
-            seen_at_start = self._start_sources()
+            seen_at_start = self.sources.start()
+            if self.sources.fileno() is not None:
+                self._poller.register(self.sources.fileno(), select.POLLIN)
             # What start-up made (click, the hooks, the formats) lives until the end:
             # keep the collector from walking it again on every full collection.
             gc.freeze()
@@ -246,8 +244,9 @@ class Supervisor:
                 self._pump(stream)
             elif fd == self._sentinel.loop_waker.fileno():
                 self._on_sentinel_events()
-            elif self._file_waker is not None and fd == self._file_waker.fileno():
-                self._on_file_events()
+            elif fd == self.sources.fileno():
+                self._observe(self.sources.on_events())
+                self._plan_wakes()
             elif self.tree is not None and fd == self.tree.pidfd:
                 self._poller.unregister(fd)
                 self._on_command_exit()
@@ -262,9 +261,13 @@ class Supervisor:
 
     def _pump(self, stream: Stream) -> None:
         n = self.pump.read(stream)
-        if n < 0:
-            return
-        if n == 0:  # the stream ended: a last line without a newline counts now
+        if n >= 0:
+            self._on_read(stream, n)
+            self._flush_messages()
+
+    def _on_read(self, stream: Stream, n: int) -> None:
+        """One read of the command's output (0: the stream ended)."""
+        if n == 0:  # a last line without a newline counts now
             self._poller_forget(stream.in_fd)
             self._observe(self.pump.end_of_stream(stream))
             return
@@ -273,8 +276,7 @@ class Supervisor:
             self.pump.write_out(stream, n)
         except Overrun:
             self.pump.drop(stream, f"the reader of stopstep's {stream.name} did not take it within "
-                                   f"{DRAIN_LIMIT:g}s of the tree going down")
-        self._flush_messages()
+                                   f"{DRAIN_LIMIT:g}s of the tree coming down")
 
     def _guard_write(self, stream: Stream):
         # Unbounded while the run goes (back-pressure, as without stopstep); the sentinel
@@ -301,7 +303,7 @@ class Supervisor:
                     if self.tree.returncode is None and self.tree.poll_exit() is not None:
                         self._on_command_exit()
             elif event.kind == WINCH:
-                self._resize_ptys()
+                self.pump.resize_ptys()
             elif event.kind == OVERRUN and self.hook_error is None:
                 # the hook swallowed the interruption and came back on its own
                 self._hook_failed(HookFailed(None, "", TimeoutError(event.text), where=event.text.split()[1]))
@@ -341,9 +343,7 @@ class Supervisor:
                 if self.coord.should_stop():
                     self._request_stop(self.coord.reason, self.coord.exit_code, self.coord.message)
         elif name == "sources":
-            for source in self.sources:
-                if source.next_due is not None and source.next_due <= now:
-                    self._observe(source.tick(now))
+            self._observe(self.sources.due(now))
         elif name == "checkpoint_wait" and self.phase is Phase.WAITING_FOR_CHECKPOINT:
             self._pending.append(f"no complete checkpoint at or past step {self.report.target_step} "
                                  f"within {self.grace_period:g}s; stopping anyway")
@@ -365,8 +365,7 @@ class Supervisor:
             self._run_hooks(lambda: self.timers.set("hooks", self.runner.next_deadline()))
         else:
             self.timers.clear("hooks")
-        dues = [source.next_due for source in self.sources if source.next_due is not None]
-        self.timers.set("sources", min(dues) if dues else None)
+        self.timers.set("sources", self.sources.next_due())
         if self.progress is not None:
             self.timers.set("progress", self.progress.next_due())
 
@@ -375,7 +374,7 @@ class Supervisor:
     def _on_command_exit(self) -> None:
         # Output written before the exit is already in the pipes: read it first,
         # so a last step line counts before the exit does.
-        self.pump.drain(time.monotonic() + DRAIN_LIMIT, self._drained)
+        self.pump.drain(time.monotonic() + DRAIN_LIMIT, self._on_read)
         self.report.child_returncode = self.tree.poll_exit()
         self.timers.clear("child_check")
         if self.phase is Phase.WAITING_FOR_CHECKPOINT:
@@ -390,21 +389,10 @@ class Supervisor:
             self._sentinel.wake()
             self._enter(Phase.STOPPING)
 
-    def _drained(self, stream: Stream, n: int) -> None:
-        if n == 0:
-            self._poller_forget(stream.in_fd)
-            self._observe(self.pump.end_of_stream(stream))
-            return
-        self._observe(self.pump.scan(stream, n))
-        try:
-            self.pump.write_out(stream, n)
-        except Overrun:
-            self.pump.drop(stream, f"the reader of stopstep's {stream.name} stopped taking it")
-
     def _end_attempt(self) -> None:
         """The tree is down: pass on what the pipes hold, reap, record; restart or finish."""
         self._on_sentinel_events()  # what it said while the loop was busy
-        self.pump.drain(time.monotonic() + DRAIN_LIMIT, self._drained)
+        self.pump.drain(time.monotonic() + DRAIN_LIMIT, self._on_read)
         for stream in list(self.pump.streams.values()):
             self._poller_forget(stream.in_fd)
         self.pump.close_all()
@@ -417,7 +405,7 @@ class Supervisor:
         self.report.attempts.append({
             "pid": tree.pid,
             "start_step": self.session.start_step,
-            "last_step_seen": self.global_step,
+            "last_step_seen": self.steps.global_step,
             "child_returncode": tree.returncode,
             "exit_status": outcome.exit_status(tree.returncode) if tree.returncode is not None else None,
             "duration_s": round(time.monotonic() - self._attempt_started, 3),
@@ -429,7 +417,7 @@ class Supervisor:
         self._plan_wakes()  # a time limit holds in the restart delay too
         number = self.restarts.count()
         self.report.restarts = number
-        seen = "none" if self.global_step is None else self.global_step
+        seen = "none" if self.steps.global_step is None else self.steps.global_step
         delay = self.restarts.delay
         self.console.info(f"command exited with status {outcome.exit_status(tree.returncode)} at step {seen}; "
                           f"restarting{f' in {delay:g}s' if delay else ''} "
@@ -438,8 +426,7 @@ class Supervisor:
         self._enter(Phase.RESTART_DELAY)
 
     def _look_at_sources_once_more(self) -> None:
-        for source in self.sources:  # the last lines, the final checkpoint
-            self._observe(source.final())
+        self._observe(self.sources.final())
 
     # -- steps and hooks ------------------------------------------------------------------------
 
@@ -448,29 +435,13 @@ class Supervisor:
             self._observe_one(obs)
 
     def _observe_one(self, obs: Observation) -> None:
-        report = self.report
-        report.observations_coalesced += obs.coalesced
-        if obs.is_checkpoint:
-            self._note_checkpoint(obs)
-            self.console.debug(f"checkpoint for step {obs.step} is complete: {obs.line}")
-            if self.phase is Phase.WAITING_FOR_CHECKPOINT and obs.step >= (report.target_step or 0):
-                self._pending.append(f"checkpoint for step {obs.step} is complete")
-                self._stop_tree()
-        if report.first_step_seen is None:
-            report.first_step_seen, self._first_seen_at = obs.step, obs.time
-        last_here = self._source_steps.get(obs.source)
-        if last_here is not None and obs.step < last_here:
-            self.console.debug(f"step went backwards on {obs.source}: {obs.step} after {last_here}")
-        self._source_steps[obs.source] = obs.step
-        if self.global_step is not None and obs.step <= self.global_step:
+        if (obs.is_checkpoint and self.phase is Phase.WAITING_FOR_CHECKPOINT
+                and obs.step >= (self.report.target_step or 0)):
+            self._pending.append(f"checkpoint for step {obs.step} is complete")
+            self._stop_tree()
+        if not self.steps.record(obs) or self.cause is not None:
             return
-        self.global_step = obs.step
-        self._last_seen_at = obs.time
-        if report.last_step_seen is None or obs.step > report.last_step_seen or report.restarts:
-            report.last_step_seen = obs.step
-        if self.cause is not None:
-            return
-        session = self.session
+        session, report = self.session, self.report
         session.global_step, session.fields = obs.step, obs.fields
         values = {"global_step": obs.step}
         values.update(obs.fields)
@@ -486,11 +457,6 @@ class Supervisor:
             self._request_stop(self.coord.reason, self.coord.exit_code, self.coord.message, obs)
         if self.runner.timed and self.cause is None:
             self._run_hooks(lambda: self.timers.set("hooks", self.runner.next_deadline()))
-
-    def _note_checkpoint(self, obs: Observation) -> None:
-        report = self.report
-        if report.last_checkpoint_step is None or obs.step >= report.last_checkpoint_step:
-            report.last_checkpoint_step, report.last_checkpoint_path = obs.step, obs.path
 
     def _call_hook(self, hook, method: str, *args):
         """Every hook call: bounded by --hook-timeout, whatever it raises contained."""
@@ -515,15 +481,8 @@ class Supervisor:
             return
         self._signal_came_first()
         self.hook_error = failure
-        error = failure.error
-        if isinstance(error, Overrun) and error.after_the_tree:
-            self.console.error(f"{error}; ending without it")
-        elif isinstance(error, (Overrun, TimeoutError)):
-            self.console.error(f"{error} (--hook-timeout {self.hook_timeout:g}); stopping")
-        else:
-            self.console.error(f"hook {failure.where} raised {type(error).__name__}: {error}")
-        self.console.error("".join(traceback.format_exception(type(error), error, error.__traceback__))
-                           .rstrip().replace("\n", "\n    "))
+        for line in failure.explain(self.hook_timeout):
+            self.console.error(line)
         self.timers.clear("hooks")
         self._request_stop(outcome.HOOK_ERROR, outcome.EXIT_HOOK_FAILED, "a hook failed")
 
@@ -550,7 +509,7 @@ class Supervisor:
                 and (self.report.last_checkpoint_step is None or self.report.last_checkpoint_step < target)):
             self._enter(Phase.WAITING_FOR_CHECKPOINT)
             self.timers.set("checkpoint_wait", time.monotonic() + self.grace_period)
-            self._pending.append(f"step {obs.step if obs else self.global_step} reached (target {target}); "
+            self._pending.append(f"step {obs.step if obs else self.steps.global_step} reached (target {target}); "
                                  f"waiting up to {self.grace_period:g}s for a complete checkpoint at or past it")
             return
         self._stop_tree()
@@ -577,96 +536,35 @@ class Supervisor:
 
     def _resume_point(self) -> None:
         """The latest complete checkpoint now is where the (re)started command resumes."""
-        resumed = None
-        for source in self.sources:
-            source.debug = self.console.debug
-            found = source.resume_point()  # a log file is opened here, before the command can write to it
-            if found is None:
-                continue
-            self.console.debug(f"{source.name}: latest complete checkpoint is step {found.step}")
-            self._note_checkpoint(found)
-            resumed = found.step if resumed is None else max(resumed, found.step)
+        found = self.sources.resume_points()
+        for point in found:
+            self.steps.note_checkpoint(point)
+        resumed = max((point.step for point in found), default=None)
         restarted = bool(self.report.attempts)
         if resumed is not None and (self.session.start_step is None or resumed > self.session.start_step
                                     or restarted):
-            self.session.start_step = self.session.global_step = self.global_step = resumed
+            self.session.start_step = self.session.global_step = self.steps.global_step = resumed
             if not restarted:
                 self.report.start_step = resumed
             self.console.info(f"resuming from step {resumed} (latest complete checkpoint)")
         elif restarted:
-            self.session.start_step = self.session.global_step = self.global_step = None
-
-    def _start_sources(self) -> List[Observation]:
-        """Watch the file sources (after the first spawn: the command is not forked
-        from a process with watchdog's thread); what they see already."""
-        if not self.sources:
-            return []
-        from .sources import FileWatcher
-        from .waker import Waker
-
-        if any(source.poll is None for source in self.sources):
-            self._file_waker = Waker()
-            self._watcher = FileWatcher(self._file_waker)
-            self._poller.register(self._file_waker.fileno(), select.POLLIN)
-        seen: List[Observation] = []
-        for source in self.sources:
-            seen += source.start(self._watcher)
-            self.console.debug(f"watching {source.name}" + (f" every {source.poll:g}s" if source.poll else ""))
-        return seen
-
-    def _on_file_events(self) -> None:
-        self._file_waker.clear()
-        changed = self._watcher.changed()
-        for source in self.sources:
-            if source in changed:
-                self._observe(source.on_change(changed[source]))
-        self._plan_wakes()
+            self.session.start_step = self.session.global_step = self.steps.global_step = None
 
     # -- messages and terminals --------------------------------------------------------------------
 
     def _say(self, text: str) -> None:
         self.console.info(text)
 
-    def _before_message(self) -> None:
-        """stopstep's own line goes on a line of its own, not after a bar left open on stderr."""
-        if self.progress is not None:
-            self.progress.clear()
-        if self.pump.stderr_mid_line:
-            self.pump.stderr_mid_line = False
-            try:
-                os.write(2, b"\n")
-            except OSError:
-                pass
-
     def _flush_messages(self) -> None:
         while self._pending:
             self.console.info(self._pending.pop(0))
 
-    def _resize_ptys(self) -> None:
-        from .terminal import copy_window_size, is_terminal
-
-        for stream in self.pump.streams.values():
-            if stream.out_fd >= 0 and is_terminal(stream.in_fd):
-                copy_window_size(stream.out_fd, stream.in_fd)
-
-    def _foreign_pids(self) -> frozenset:
-        """stopstep's children that are not the command's tree: the host's own, the guardian."""
-        from .process import _own_children
-
-        foreign = set(_own_children()) if self.subreaper and not self.report.attempts else set()
-        if self.tree is not None:
-            foreign |= self.tree.foreign
-        return frozenset(foreign)
-
     # -- the end -------------------------------------------------------------------------------------
 
     def _facts(self) -> RunFacts:
-        report = self.report
-        cause = self.cause
+        self._signal_came_first()  # one that came after the loop last looked
+        report, cause, sequence = self.report, self.cause, self.sequence
         received = self._sentinel.received_signal if self._sentinel is not None else None
-        if cause is None and received is not None:
-            cause = StopCause(outcome.SIGNAL, outcome.exit_for_signal(received))
-        sequence = self.sequence
         return RunFacts(
             stop_reason=cause.reason if cause else None,
             stop_exit_code=cause.exit_code if cause else 0,
@@ -682,13 +580,8 @@ class Supervisor:
         )
 
     def _finish(self) -> None:
-        report = self.report
-        report.duration_s = round(time.monotonic() - self._started, 6)
-        if (report.first_step_seen is not None and report.last_step_seen is not None
-                and self._last_seen_at is not None and self._first_seen_at is not None
-                and self._last_seen_at > self._first_seen_at):
-            report.steps_per_s = round((report.last_step_seen - report.first_step_seen)
-                                       / (self._last_seen_at - self._first_seen_at), 3)
+        self.report.duration_s = round(time.monotonic() - self._started, 6)
+        self.report.steps_per_s = self.steps.steps_per_s()
         facts = self._facts()
         status = outcome.exit_status(facts.returncode) if facts.returncode is not None else None
         ended_well = facts.received_signal is None and (
@@ -730,12 +623,7 @@ class Supervisor:
 
     def _tidy_up(self) -> None:
         self.pump.close_all()
-        for source in self.sources:
-            source.close()
-        if self._watcher is not None:
-            self._watcher.stop()
-        if self._file_waker is not None:
-            self._file_waker.close()
+        self.sources.close()
         if self._foreground is not None:
             self._foreground.restore()
         if self.progress is not None:
