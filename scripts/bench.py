@@ -3,6 +3,7 @@
 
     python scripts/bench.py --quick     # under a minute
     python scripts/bench.py             # the full run, under ten minutes
+    python scripts/bench.py --baseline e7b1b9f   # also measure an earlier revision, in the same run
 
 Every figure is a median (or a percentile) over repeated runs on real
 processes; every comparison is a ratio taken in the same run, so that it holds
@@ -50,6 +51,26 @@ def trainer(*args):
     return [sys.executable, str(FAKE), *map(str, args)]
 
 
+class Variant:
+    """A stopstep to measure: this tree, or an earlier revision checked out beside it."""
+
+    def __init__(self, name: str, root: Path):
+        self.name, self.root = name, root
+        self.argv = [sys.executable, "-m", "stopstep_cli"]
+        self.env = {**ENV, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def checkout(revision: str, into: Path) -> Variant:
+    """``git archive`` of a revision into a directory: the baseline, measured in the same run."""
+    into.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return Variant(f"baseline {revision}", into)
+
+
+HERE = Variant("this tree", ROOT)
+
+
 def read_stamps(path: Path):
     """(time the target was written, time the signal arrived, step at the signal)."""
     wrote = arrived = step = None
@@ -90,7 +111,7 @@ class PeakRSS:
 # -- 1, 2, 6: stop latency and overshoot ------------------------------------------------------
 
 
-def stop_once(tmp: Path, source: str, rate: int, agent: int = 0):
+def stop_once(tmp: Path, source: str, rate: int, agent: int = 0, variant: Variant = HERE):
     """One run to a target; (latency ms, overshoot in steps, time to bring the tree down s)."""
     stamps = tmp / "stamps"
     stamps.unlink(missing_ok=True)
@@ -117,7 +138,7 @@ def stop_once(tmp: Path, source: str, rate: int, agent: int = 0):
         common[5] = target  # --stamp-step
         command = trainer(*common, "--format", "", "--checkpoint-dir", ckpt, "--layout", "lightning",
                           "--save-every", every, "--stamp-saves")
-    proc = subprocess.Popen(STOPSTEP + [str(a) for a in args] + ["--"] + command, env=ENV,
+    proc = subprocess.Popen(variant.argv + [str(a) for a in args] + ["--"] + command, env=variant.env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc.wait(timeout=120)
     ended = time.clock_gettime(time.CLOCK_MONOTONIC)
@@ -176,12 +197,15 @@ def plain_pump_once(tmp: Path, rate: int):
 BASELINES = {"shell while-read": shell_pipeline_once, "plain Python pump": plain_pump_once}
 
 
-def latency_table(tmp: Path, runs: int, rates, sources):
+def latency_table(tmp: Path, runs: int, rates, sources, baseline: Variant = None):
     rows = []
     for source in sources:
         for rate in rates:
-            n = runs if source == "stdout" or source in BASELINES else max(3, runs // 2)
+            n = runs if source in ("stdout", "baseline") or source in BASELINES else max(3, runs // 2)
             once = BASELINES.get(source)
+            if source == "baseline":
+                source = baseline.name
+                once = lambda tmp, rate: stop_once(tmp, "stdout", rate, variant=baseline)  # noqa: E731
             samples = [s for s in ((once(tmp, rate) if once else stop_once(tmp, source, rate)) for _ in range(n)) if s]
             lat = [s[0] for s in samples]
             over = [s[1] for s in samples]
@@ -219,16 +243,16 @@ def timed(argv) -> float:
     return time.perf_counter() - start
 
 
-def stopstep_through(path: Path, extra):
+def stopstep_through(path: Path, extra, variant: Variant = HERE):
     start = time.perf_counter()
-    proc = subprocess.Popen(STOPSTEP + ["run", "-q", "--last-step", str(10 ** 15), *extra, "--", "cat", str(path)],
-                            env=ENV, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(variant.argv + ["run", "-q", "--last-step", str(10 ** 15), *extra, "--", "cat", str(path)],
+                            env=variant.env, stdout=subprocess.DEVNULL)
     peak = PeakRSS(proc.pid)
     proc.wait()
     return time.perf_counter() - start, peak.mb()
 
 
-def throughput_table(tmp: Path, size: int, repeats: int):
+def throughput_table(tmp: Path, size: int, repeats: int, baseline: Variant = None):
     rows = []
     kinds = [("non-matching lines", [], 1.0), ("matching lines", [], 1.5),
              ("\\r progress updates", ["--preset", "hf"], None), ("one line, no newline", [], None)]
@@ -236,17 +260,22 @@ def throughput_table(tmp: Path, size: int, repeats: int):
         path = tmp / "payload"
         make_payload(path, kind, size)
         timed(["cat", str(path)])  # into the page cache
-        bare, ours, peaks = [], [], []
-        for _ in range(repeats):
+        variants = [HERE] + ([baseline] if baseline and kind in ("non-matching lines", "matching lines") else [])
+        bare, ours, peaks = [], {v.name: [] for v in variants}, {v.name: [] for v in variants}
+        for _ in range(repeats):  # interleaved, so a noisy moment hits every variant alike
             bare.append(timed(["sh", "-c", f"cat {path} | cat > /dev/null"]))
-            took, peak = stopstep_through(path, extra)
-            ours.append(took)
-            peaks.append(peak)
+            for variant in variants:
+                took, peak = stopstep_through(path, extra, variant)
+                ours[variant.name].append(took)
+                peaks[variant.name].append(peak)
         path.unlink()
-        ratio = statistics.median(o / b for o, b in zip(ours, bare))
-        rows.append((kind, statistics.median(bare), statistics.median(ours), ratio, target, max(peaks)))
-        print(f"  throughput {kind:>22}: cat|cat {rows[-1][1]:.3f}s stopstep {rows[-1][2]:.3f}s "
-              f"ratio {ratio:.2f} peak RSS {max(peaks):.1f} MB", flush=True)
+        for variant in variants:
+            ratio = statistics.median(o / b for o, b in zip(ours[variant.name], bare))
+            label = kind if variant is HERE else f"{kind} ({variant.name})"
+            rows.append((label, statistics.median(bare), statistics.median(ours[variant.name]), ratio,
+                         target if variant is HERE else None, max(peaks[variant.name])))
+            print(f"  throughput {label:>22}: cat|cat {rows[-1][1]:.3f}s stopstep {rows[-1][2]:.3f}s "
+                  f"ratio {ratio:.2f} peak RSS {max(peaks[variant.name]):.1f} MB", flush=True)
     return rows
 
 
@@ -322,6 +351,34 @@ def cpu_overhead(seconds: float, runs: int, bare: bool = False):
     return per_minute
 
 
+IDLE_WITH_AN_OPEN_LINE = (
+    "import sys, time\nprint('step 1', flush=True)\nsys.stdout.write('partial'); sys.stdout.flush()\n"
+    "time.sleep(600)\n"
+)
+
+
+def idle_cpu_with_an_open_line(seconds: float) -> float:
+    """CPU stopstep uses while the command is silent with a line left open and a status line
+    asked for (it cannot be drawn): this once was a busy loop. Seconds per minute."""
+    argv = STOPSTEP + ["run", "-q", "--progress", "always", "--tty", "never", "--last-step", "2", "--",
+                       sys.executable, "-c", IDLE_WITH_AN_OPEN_LINE]
+    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    seen = b""
+    while b"partial" not in seen:
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            raise RuntimeError("stopstep ended before the command left its line open")
+        seen += chunk
+    used, began = _cpu_ns(proc.pid), time.monotonic()
+    time.sleep(seconds)
+    used, took = _cpu_ns(proc.pid) - used, time.monotonic() - began
+    proc.terminate()
+    proc.wait()
+    per_minute = used / 1e9 / took * 60.0
+    print(f"  CPU while silent with a line left open: {per_minute:.3f} s per minute", flush=True)
+    return per_minute
+
+
 def startup_overhead(runs: int):
     bare_cmd = [sys.executable, "-c", "print('step 1')"]
     bare, ours, click_import, own_import = [], [], [], []
@@ -368,7 +425,7 @@ def ok(value, target, below=True):
     return "yes" if (value < target if below else value <= target) else "**no**"
 
 
-def write_markdown(path: Path, quick: bool, lat, thr, scan_mem, cpu, start, scale, elapsed):
+def write_markdown(path: Path, quick: bool, lat, thr, scan_mem, cpu, start, scale, elapsed, baseline=None):
     lines = [
         "# stopstep benchmarks",
         "",
@@ -389,7 +446,8 @@ def write_markdown(path: Path, quick: bool, lat, thr, scan_mem, cpu, start, scal
         "by a burst) and stamps with one write on a file it keeps open. "
         "`shell while-read` is the do-it-yourself pipeline: `trainer | while read line; do [[ $line == "
         "\"step N \"* ]] && kill -INT $pid; done`; `plain Python pump` is the floor on this machine: a bare "
-        "loop that reads the pipe, finds the line and signals, with nothing else to do.",
+        "loop that reads the pipe, finds the line and signals, with nothing else to do."
+        + (f" `{baseline.name}` is that earlier revision of stopstep, measured in the same run." if baseline else ""),
         "",
         "| source | steps/s | runs | p50 ms | p99 ms | overshoot (median) | overshoot (max) | target |",
         "|---|---|---|---|---|---|---|---|",
@@ -432,6 +490,8 @@ def write_markdown(path: Path, quick: bool, lat, thr, scan_mem, cpu, start, scal
         "",
         f"- CPU used by stopstep itself at 100 lines/s: {cpu[0]:.3f} s per minute (target < 0.3: {ok(cpu[0], 0.3)}); "
         f"a bare Python poll/read/write pump uses {cpu[1]:.3f}.",
+        f"- CPU while the command is silent with a line left open (a status line asked for, which cannot be "
+        f"drawn): {cpu[2]:.3f} s per minute (target < 0.1, no busy loop: {ok(cpu[2], 0.1)}).",
         f"- Start-up: `stopstep run --last-step 1 -- python -c 'print(\"step 1\")'` minus the bare command "
         f"({bare_ms:.0f} ms): {added:.1f} ms with `python -m stopstep_cli`"
         + (f", {added_cli:.1f} ms with the `stopstep` console script" if added_cli is not None else "")
@@ -483,8 +543,8 @@ def why_missed(lat, cpu, start):
             f"{parts.get('interpreter', float('nan')):.0f} ms here (with this machine's site-packages), importing "
             f"click, which the CLI is built on, {parts.get('click', float('nan')):.0f} ms, and stopstep's own "
             f"modules {parts.get('own imports', float('nan')):.0f} ms; launching and bringing the command down "
-            f"take the rest. stopstep already defers psutil until the command is starting, loads watchdog, "
-            f"json and tempfile only when used, and skips interpreter teardown at exit.")
+            f"take the rest. stopstep reads the process table from /proc itself (no psutil), loads "
+            f"watchdog, json, tempfile and the hook loader only when used, and skips interpreter teardown at exit.")
     return out
 
 
@@ -496,24 +556,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, smaller runs: under a minute")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="where to write the results")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also measure this git revision's stopstep (latency, throughput) in the same run")
     opts = parser.parse_args()
     quick = opts.quick
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="stopstep-bench-") as name:
         tmp = Path(name)
+        baseline = checkout(opts.baseline, tmp / "baseline") if opts.baseline else None
         print("stop latency and overshoot", flush=True)
         subprocess.run(STOPSTEP + ["run", "-q", "--last-step", "1", "--", "echo", "step 1"], env=ENV,
                        stdout=subprocess.DEVNULL)  # compile and cache the bytecode first
         lat = latency_table(tmp, 6 if quick else 40, (100, 1000, 10000),
-                            ("stdout", "plain Python pump", "shell while-read"))
+                            ("stdout",) + (("baseline",) if baseline else ()) + ("plain Python pump", "shell while-read"),
+                            baseline)
         lat += latency_table(tmp, 4 if quick else 20, (1000,), ("log-file", "checkpoint-inotify", "checkpoint-poll"))
         print("throughput", flush=True)
-        thr = throughput_table(tmp, (256 if quick else 1024) << 20, 2 if quick else 5)
+        thr = throughput_table(tmp, (256 if quick else 1024) << 20, 2 if quick else 5, baseline)
         print("memory with a large checkpoint directory", flush=True)
         scan_mem = checkpoint_dir_memory(tmp, SCAN_FILES[quick])
         print("overhead", flush=True)
         cpu = (cpu_overhead(5 if quick else 15, 1 if quick else 3),
-               cpu_overhead(5 if quick else 15, 1 if quick else 3, bare=True))
+               cpu_overhead(5 if quick else 15, 1 if quick else 3, bare=True),
+               idle_cpu_with_an_open_line(3 if quick else 10))
         start = startup_overhead(6 if quick else 20)
         print("scale", flush=True)
         samples = [s for s in (stop_once(tmp, "stdout", 100, agent=8) for _ in range(3 if quick else 10)) if s]
@@ -521,7 +586,7 @@ def main() -> int:
                  statistics.median(s[2] for s in samples))
         print(f"  64 processes: p50 {scale[1]:.3f} ms, down in {scale[3]:.3f} s", flush=True)
     elapsed = time.monotonic() - began
-    write_markdown(Path(opts.out), quick, lat, thr, scan_mem, cpu, start, scale, elapsed)
+    write_markdown(Path(opts.out), quick, lat, thr, scan_mem, cpu, start, scale, elapsed, baseline)
     print(f"wrote {opts.out} in {elapsed:.0f} s")
     return 0
 
