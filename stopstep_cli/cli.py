@@ -3,7 +3,9 @@ that a Python user could not reach through ``stopstep_cli``."""
 
 from __future__ import annotations
 
+import math
 import os
+import stat
 import sys
 from typing import Optional, Sequence
 
@@ -26,6 +28,34 @@ from .terminal import is_terminal
 _RUN_CONTEXT = {"allow_interspersed_args": False}
 
 
+#: The largest step a target can be: a step has at most 18 digits (see scanner.MAX_STEP_DIGITS).
+MAX_STEP = 10 ** 18 - 1
+DAY, YEAR = 86400.0, 365 * 86400.0
+
+
+class _Seconds(click.ParamType):
+    """A finite number of seconds in a range (NaN and infinity are refused: a NaN
+    grace period would never end, an infinite poll would never look)."""
+
+    name = "SECONDS"
+
+    def __init__(self, maximum: float, above_zero: bool = False):
+        self.maximum, self.above_zero = maximum, above_zero
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            seconds = value
+        else:
+            try:
+                seconds = float(str(value).strip())
+            except ValueError:
+                self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        low = "more than 0" if self.above_zero else "0 or more"
+        if not math.isfinite(seconds) or seconds < 0 or (self.above_zero and seconds == 0) or seconds > self.maximum:
+            self.fail(f"{value!r} is not a number of seconds {low} and at most {self.maximum:g}", param, ctx)
+        return seconds
+
+
 class _SignalType(click.ParamType):
     name = "SIGNAL"
 
@@ -43,9 +73,9 @@ def cli() -> None:
 
 
 @cli.command(context_settings=_RUN_CONTEXT)
-@click.option("--last-step", type=click.IntRange(min=0), envvar="STOPSTEP_LAST_STEP", metavar="N",
+@click.option("--last-step", type=click.IntRange(0, MAX_STEP), envvar="STOPSTEP_LAST_STEP", metavar="N",
               help="Stop once the global step is >= N (absolute). [env: STOPSTEP_LAST_STEP]")
-@click.option("--num-steps", type=click.IntRange(min=0), envvar="STOPSTEP_NUM_STEPS", metavar="N",
+@click.option("--num-steps", type=click.IntRange(0, MAX_STEP), envvar="STOPSTEP_NUM_STEPS", metavar="N",
               help="Stop after N steps from the step the run starts at. [env: STOPSTEP_NUM_STEPS]")
 @click.option("--pattern", "patterns", multiple=True, metavar="REGEX",
               help="Regex with a named group 'step' (or one group) matched against each output line. Repeatable.")
@@ -61,27 +91,27 @@ def cli() -> None:
               help="How the checkpoints in --checkpoint-dir are named and finished.")
 @click.option("--checkpoint-pattern", metavar="REGEX",
               help="Regex with a group 'step' matched against paths relative to --checkpoint-dir (generic layout).")
-@click.option("--poll", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+@click.option("--poll", type=_Seconds(3600, above_zero=True), metavar="SECONDS",
               help="Poll files every SECONDS instead of inotify (NFS, Lustre, GCS fuse).")
 @click.option("--stop-after-checkpoint", is_flag=True,
               help="At the target, wait (up to --grace-period) for a complete checkpoint at or past it before stopping.")
 @click.option("--stop-signal", type=_SignalType(), default="INT", show_default=True,
               help="Signal sent to the command's process group at the target.")
-@click.option("--grace-period", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
+@click.option("--grace-period", type=_Seconds(DAY), default=30.0, show_default=True, metavar="SECONDS",
               help="How long the tree may take to exit before SIGKILL.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), metavar="PATH",
               help="Write a JSON summary here (atomically) when stopstep ends.")
 @click.option("--require-target", is_flag=True,
               help="Exit 3 if the command exits 0 before reaching the target.")
-@click.option("--max-restarts", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+@click.option("--max-restarts", type=click.IntRange(0, 10000), default=0, show_default=True, metavar="N",
               help="Start the command again when it exits non-zero before the target.")
-@click.option("--restart-delay", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
+@click.option("--restart-delay", type=_Seconds(DAY), default=0.0, show_default=True, metavar="SECONDS",
               help="Wait this long before each restart.")
-@click.option("--stall-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+@click.option("--stall-timeout", type=_Seconds(YEAR, above_zero=True), metavar="SECONDS",
               help="Stop (exit 124) when no new step comes for this long.")
-@click.option("--first-step-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+@click.option("--first-step-timeout", type=_Seconds(YEAR, above_zero=True), metavar="SECONDS",
               help="How long the first step of each process may take (default: --stall-timeout).")
-@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+@click.option("--time-limit", type=_Seconds(YEAR, above_zero=True), metavar="SECONDS",
               help="Stop (exit 124) after this much wall-clock time.")
 @click.option("--stop-on-nan", is_flag=True, help="Stop (exit 4) when the loss is NaN or infinite.")
 @click.option("--nan-field", default="loss", show_default=True, metavar="NAME",
@@ -90,7 +120,7 @@ def cli() -> None:
               help="A SessionRunHook of yours: module:Class or path/to/file.py:Class. Repeatable.")
 @click.option("--hook-arg", "hook_args", multiple=True, metavar="KEY=VALUE",
               help="A constructor argument for the --hook classes that take it. Repeatable.")
-@click.option("--hook-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+@click.option("--hook-timeout", type=_Seconds(DAY, above_zero=True), default=60.0, show_default=True,
               metavar="SECONDS", help="A hook call that has not returned after this long is a failed hook (exit 5).")
 @click.option("--subreaper/--no-subreaper", default=True, show_default=True,
               help="Adopt and reap orphaned descendants (always on as PID 1).")
@@ -98,7 +128,7 @@ def cli() -> None:
               help="Run the command's output on a pseudo-terminal (auto: where stopstep's own is a terminal).")
 @click.option("--progress", type=click.Choice(("auto", "always", "never")), default="auto", show_default=True,
               help="Status line on stderr (auto: when stderr is a terminal; else a line every --status-interval).")
-@click.option("--status-interval", type=click.FloatRange(min=0), default=60.0, show_default=True, metavar="SECONDS",
+@click.option("--status-interval", type=_Seconds(DAY), default=60.0, show_default=True, metavar="SECONDS",
               help="Without a terminal, print progress this often (0: never).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors from stopstep itself.")
 @click.option("-v", "--verbose", is_flag=True, help="Also say what stopstep sees and does.")
@@ -131,8 +161,12 @@ def run(**opts) -> int:
         formats = resolve_formats(opts["patterns"], opts["presets"])
     except PatternError as exc:
         raise UsageError(str(exc)) from None
-    if opts["report_path"]:
+    if opts["report_path"] is not None:
         check_report_path(opts["report_path"])
+    if opts["stop_on_nan"] and not any(opts["nan_field"] in fmt.regex.groupindex for fmt in formats):
+        names = ", ".join(fmt.name for fmt in formats)
+        raise UsageError(f"--stop-on-nan reads the named group {opts['nan_field']!r}, which none of the formats "
+                         f"in use has ({names}); name the group with --nan-field or give a --pattern with it")
     sources = _file_sources(formats, opts["log_files"], opts["log_file_from_start"], opts["checkpoint_dirs"],
                             opts["layout"], opts["checkpoint_pattern"], opts["poll"], opts["stop_after_checkpoint"])
     hooks = _hooks(opts)
@@ -235,8 +269,14 @@ def _file_sources(formats, log_files, from_start, checkpoint_dirs, layout, check
         if os.path.exists(path) and not os.path.isdir(path):
             raise UsageError(f"--checkpoint-dir {path} is not a directory")
     for path in log_files:
-        if os.path.isdir(path):
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue  # not there yet: it will be watched for
+        if stat.S_ISDIR(mode):
             raise UsageError(f"--log-file {path} is a directory")
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            raise UsageError(f"--log-file {path} is not a regular file or a FIFO")
     from .sources import CheckpointSource, LogFileSource
 
     sources = [LogFileSource(path, formats, from_start, poll) for path in log_files]

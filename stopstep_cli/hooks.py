@@ -196,6 +196,13 @@ class StopAtStepHook(SessionRunHook):
         if self._last_step is None:
             self._last_step = (session.global_step or 0) + self._num_steps
 
+    def reanchor(self, start_step: Optional[int]) -> None:
+        """stopstep's extension: the step the first session started at was misread (a
+        checkpoint of an earlier run looked like the resume point); count ``num_steps``
+        from ``start_step`` instead. Does nothing for ``last_step``."""
+        if self._num_steps is not None:
+            self._last_step = (start_step or 0) + self._num_steps
+
     def before_run(self, run_context: SessionRunContext) -> SessionRunArgs:
         return SessionRunArgs("global_step")
 

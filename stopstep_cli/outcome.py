@@ -80,7 +80,7 @@ def format_duration(seconds: float) -> str:
 
 def format_rate(steps_per_s: float) -> str:
     """``1 step/s``, ``12.3 steps/s``, ``0.25 steps/s``."""
-    text = f"{steps_per_s:.3g}"
+    text = f"{steps_per_s:.3g}" if steps_per_s < 1000 else f"{steps_per_s:,.0f}"
     return f"{text} step/s" if text == "1" else f"{text} steps/s"
 
 

@@ -43,10 +43,9 @@ class Progress:
         self.step: Optional[int] = None
         self.target: Optional[int] = None
 
-    def update(self, step: int, target: Optional[int], now: float) -> None:
-        if self._rate_since is None:
-            self._rate_since = (now, step)
-        self.step, self.target = step, target
+    def update(self, step: int, target: Optional[int], since: Optional[tuple]) -> None:
+        """The latest step; ``since`` is the (time, step) the rate counts from."""
+        self.step, self.target, self._rate_since = step, target, since
 
     def text(self, now: float) -> str:
         if self.step is None:

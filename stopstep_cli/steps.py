@@ -19,8 +19,16 @@ class StepLedger:
         self.debug = debug
         self.global_step: Optional[int] = start_step
         self._per_source: Dict[str, int] = {}
-        self._first_at: Optional[float] = None
         self._last_at: Optional[float] = None
+        self.start_step = start_step  # where this process started, as far as stopstep can tell
+        #: (time, step) the rate is counted from: the first step seen at or above the start,
+        #: so a resumed bar's jump from 0/N to the checkpoint is not counted as steps done
+        self.rate_anchor: Optional[tuple] = None
+
+    def started_at(self, start_step: Optional[int]) -> None:
+        """A (re)started process, or a corrected start: the global step and the rate count from here."""
+        self.global_step = self.start_step = start_step
+        self.rate_anchor = None
 
     def record(self, obs: Observation) -> bool:
         """Note one observation; True when it raises the global step (the hooks run for it)."""
@@ -30,7 +38,9 @@ class StepLedger:
             self.note_checkpoint(obs)
             self.debug(f"checkpoint for step {obs.step} is complete: {obs.line}")
         if report.first_step_seen is None:
-            report.first_step_seen, self._first_at = obs.step, obs.time
+            report.first_step_seen = obs.step
+        if self.rate_anchor is None and (self.start_step is None or obs.step >= self.start_step):
+            self.rate_anchor = (obs.time, obs.step)
         last_here = self._per_source.get(obs.source)
         if last_here is not None and obs.step < last_here:
             self.debug(f"step went backwards on {obs.source}: {obs.step} after {last_here}")
@@ -48,8 +58,10 @@ class StepLedger:
             report.last_checkpoint_step, report.last_checkpoint_path = obs.step, obs.path
 
     def steps_per_s(self) -> Optional[float]:
-        report = self.report
-        if (report.first_step_seen is None or report.last_step_seen is None or self._first_at is None
-                or self._last_at is None or self._last_at <= self._first_at):
+        """Steps this process did per second: from the rate anchor to the latest step."""
+        if self.rate_anchor is None or self._last_at is None or self.global_step is None:
             return None
-        return round((report.last_step_seen - report.first_step_seen) / (self._last_at - self._first_at), 3)
+        since, first = self.rate_anchor
+        if self._last_at <= since or self.global_step <= first:
+            return None
+        return round((self.global_step - first) / (self._last_at - since), 3)

@@ -117,7 +117,7 @@ class Supervisor:
         self.env = dict(os.environ if env is None else env)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.console = console or Console()
-        self.sources = SourceSet(sources, self.console.debug)
+        self.sources = SourceSet(sources, self.console.info, self.console.debug)
         self.stop_after_checkpoint = stop_after_checkpoint
         self.restarts = RestartPolicy(max_restarts, restart_delay)
         self.subreaper, self.guardian_wanted = subreaper, guardian
@@ -142,6 +142,7 @@ class Supervisor:
         self._foreground = self._guardian = None
         self._subreaper = Subreaper()
         self._pending: List[str] = []  # our messages, held until the read that caused them is written
+        self._start_checked = False  # the command's own first step was compared with the resume point
         self._started = self._attempt_started = 0.0
 
     # -- the run --------------------------------------------------------------------
@@ -204,6 +205,9 @@ class Supervisor:
             tree.foreign = tree.foreign | {self._guardian.pid}
         if self._guardian is not None:
             self._guardian.watch(tree.pid)
+        if not self.report.attempts and not os.path.exists("/proc/self/stat"):
+            self.console.info("no /proc here: processes that leave the command's process group cannot be found "
+                              "or ended; the group itself is still signalled")
         self.report.pid = self.session.pid = tree.pid
         self.console.debug(f"started pid {tree.pid}: {' '.join(self.argv)}")
         status_line = self.progress is not None and self.progress.status_line
@@ -435,6 +439,8 @@ class Supervisor:
             self._observe_one(obs)
 
     def _observe_one(self, obs: Observation) -> None:
+        if not self._start_checked:
+            self._check_start(obs)
         if (obs.is_checkpoint and self.phase is Phase.WAITING_FOR_CHECKPOINT
                 and obs.step >= (self.report.target_step or 0)):
             self._pending.append(f"checkpoint for step {obs.step} is complete")
@@ -449,7 +455,7 @@ class Supervisor:
             values["checkpoint_step"], values["checkpoint_path"] = obs.step, obs.path
         report.observations += 1
         if self.progress is not None:
-            self.progress.update(obs.step, report.target_step, obs.time)
+            self.progress.update(obs.step, report.target_step, self.steps.rate_anchor)
         ctx = self._run_hooks(lambda: self.runner.run(session, values))
         if ctx is not None and ctx.stop_requested:
             self._request_stop(ctx.stop_reason, ctx.stop_exit_code, ctx.stop_message, obs)
@@ -535,20 +541,46 @@ class Supervisor:
     # -- other sources ---------------------------------------------------------------------------
 
     def _resume_point(self) -> None:
-        """The latest complete checkpoint now is where the (re)started command resumes."""
+        """The latest complete checkpoint now is where the (re)started command resumes,
+        until its own first step says otherwise (:meth:`_check_start`)."""
         found = self.sources.resume_points()
         for point in found:
             self.steps.note_checkpoint(point)
         resumed = max((point.step for point in found), default=None)
         restarted = bool(self.report.attempts)
+        self._start_checked = False
         if resumed is not None and (self.session.start_step is None or resumed > self.session.start_step
                                     or restarted):
-            self.session.start_step = self.session.global_step = self.steps.global_step = resumed
-            if not restarted:
-                self.report.start_step = resumed
+            self._start_at(resumed)
             self.console.info(f"resuming from step {resumed} (latest complete checkpoint)")
         elif restarted:
-            self.session.start_step = self.session.global_step = self.steps.global_step = None
+            self._start_at(None)
+
+    def _start_at(self, step: Optional[int]) -> None:
+        self.session.start_step = self.session.global_step = step
+        self.steps.started_at(step)
+        if not self.report.attempts:
+            self.report.start_step = step
+
+    def _check_start(self, obs: Observation) -> None:
+        """The command's own first step (a 0, drawn before any step, says nothing) below
+        the checkpoint it seemed to resume from: it started fresh, or from an older one."""
+        if obs.step < 1 or self._start_checked:
+            return
+        self._start_checked = True
+        resumed = self.session.start_step
+        if resumed is None or obs.step >= resumed:
+            return
+        start = self.sources.start_over_from(obs.step)
+        self._start_at(start)
+        how = "fresh" if start is None else f"from step {start}"
+        line = f"the command's first step is {obs.step}, below the checkpoint at step {resumed}: it started {how}"
+        if self.target is not None and not self.report.attempts:  # num_steps is anchored at the first start
+            self.target.reanchor(start)
+            if self.target.last_step != self.report.target_step:
+                self.report.target_step = self.target.last_step
+                line += f"; --num-steps counts from there: target {self.target.last_step}"
+        self._pending.append(line)
 
     # -- messages and terminals --------------------------------------------------------------------
 
@@ -604,6 +636,8 @@ class Supervisor:
         if self.progress is not None:
             self.progress.clear()
         self._flush_messages()
+        for what in self.sources.missing():
+            self.console.info(f"{what} never appeared")
         if result.exit_code == outcome.EXIT_TARGET_NOT_REACHED and result.reason == outcome.PROCESS_EXITED:
             seen = "none" if report.last_step_seen is None else report.last_step_seen
             self.console.error(f"command exited 0 before reaching step {report.target_step} "
