@@ -121,9 +121,13 @@ def test_keras_epoch_in_the_same_read_as_the_bar():
     ).encode()
     scanner = LineScanner(keras, "t")
     buf = bytearray(data)
-    (obs,) = scanner.feed(buf, len(buf))
+    got = scanner.feed(buf, len(buf))
+    # every bar of the read counts, in order, each in the epoch of the Epoch line before it
+    assert [o.step for o in got] == [10, 14, 15]
+    assert got[1].fields == {"loss": 0.4}
     # the bar still being drawn (5/10) counts at once; its loss, where the bytes end, may be cut off
-    assert obs.step == 15 and obs.fields == {} and obs.coalesced == 2
+    obs = got[-1]
+    assert obs.fields == {}
     more = bytearray(b"\b\b\b\r")
     assert scanner.feed(more, len(more)) == []  # its redraw does not count it twice
     end = bytearray("\r\x1b[1m10/10\x1b[0m ━━━━ 1s 10ms/step - loss: nan\n".encode())
@@ -136,11 +140,13 @@ def test_rank_prefix_and_ansi_are_stripped():
     assert one((DEFAULT_FORMAT,), "[default3]:\x1b[1mstep\x1b[0m 6") == 6
 
 
-def test_latest_step_of_a_read_wins_and_the_rest_are_coalesced():
-    scanner = LineScanner((DEFAULT_FORMAT,), "t")
+def test_the_last_lines_of_a_read_count_in_order_and_the_rest_are_coalesced():
+    scanner = LineScanner((DEFAULT_FORMAT,), "t", max_lines=64)
     buf = bytearray(b"".join(b"step %d\n" % i for i in range(1, 101)))
-    (obs,) = scanner.feed(buf, len(buf))
-    assert obs.step == 100 and obs.coalesced == 99
+    got = scanner.feed(buf, len(buf))
+    assert [o.step for o in got] == list(range(37, 101))  # the last 64, in order
+    # the 36 lines before them are not read: their number is estimated from the lines that were
+    assert abs(got[0].coalesced - 36) <= 2 and sum(o.coalesced for o in got) == got[0].coalesced
 
 
 def test_lines_split_across_reads():
@@ -169,7 +175,7 @@ def test_a_progress_bar_is_read_while_it_is_drawn():
 
 def test_carriage_return_updates_without_a_live_format():
     fmt = (DEFAULT_FORMAT,)
-    assert steps(fmt, b"\rstep 1 |", b"\rstep 2 |\rstep 3 |", b"\r") == [[], [2], [3]]
+    assert steps(fmt, b"\rstep 1 |", b"\rstep 2 |\rstep 3 |", b"\r") == [[], [1, 2], [3]]
 
 
 def test_a_huge_line_is_passed_over_without_growing_memory():
