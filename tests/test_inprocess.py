@@ -20,7 +20,7 @@ from inprocess_support import (
     run_to_end,
     script,
 )
-from stopstep_cli.channel import InProcessChannel
+from stopstep_cli.channel import SITE_DIR, InProcessChannel
 from stopstep_cli.observation import IN_PROCESS
 
 
@@ -110,6 +110,17 @@ def test_lightning_writes_no_second_checkpoint_when_model_checkpoint_saved_at_ta
     assert saved == ["ckpt/epoch=1-step=7.ckpt"]  # ModelCheckpoint's own; no -v1 copy of ours
 
 
+def test_lightning_adds_no_checkpoint_when_model_checkpoint_saved_the_step_under_another_name(channel, tmp_path):
+    # The name depends on an epoch metric: ModelCheckpoint's at the epoch end of the stop differs
+    # from the one this step had at its batch end; it is still a checkpoint at the stop step.
+    options = {"default_root_dir": str(tmp_path),
+               "checkpoint": {"dirpath": str(tmp_path / "ckpt"), "filename": "{epoch}-{step}-{train_loss_epoch:.2f}"}}
+    run, returned, saved = lightning_fit(channel, 6, options)
+
+    assert returned == "fit returned at 6"
+    assert saved == ["ckpt/epoch=0-step=4-train_loss_epoch=0.52.ckpt", "ckpt/epoch=1-step=6-train_loss_epoch=0.75.ckpt"]
+
+
 def test_lightning_default_checkpoint_saves_at_epoch_end_of_the_stop_once(channel, tmp_path):
     # The default ModelCheckpoint saves every epoch end, under default_root_dir/checkpoints; a stop
     # mid-epoch ends the epoch, so it saves the stop step itself and ours must not add a copy.
@@ -126,6 +137,22 @@ def test_lightning_with_gradient_accumulation_stops_at_the_optimizer_step(channe
 
     assert returned == "fit returned at 3"
     assert saved == ["ckpt/epoch=1-step=3.ckpt"]  # 2 optimizer steps an epoch
+    # only batches that finished an optimizer step count: each step reported or counted once
+    reports = run.of_type("step")
+    assert sum(1 + m.get("skipped", 0) for m in reports) == 3 and reports[-1]["step"] == 3
+
+
+def test_lightning_leaves_an_existing_checkpoint_of_that_name_alone(channel, tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    earlier = tmp_path / "ckpt" / "epoch=1-step=7.ckpt"
+    earlier.write_text("from an earlier run")
+    options = {"default_root_dir": str(tmp_path),
+               "checkpoint": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 5}}
+    run, returned, saved = lightning_fit(channel, 7, options)
+
+    assert returned == "fit returned at 7"
+    assert saved == ["ckpt/epoch=1-step=5.ckpt"]
+    assert earlier.read_text() == "from an earlier run"
 
 
 def test_lightning_without_checkpointing_just_stops(channel, tmp_path):
@@ -183,6 +210,34 @@ def test_beacon_stops_at_exactly_the_target_at_full_speed(channel):
     assert len(reported) < 100_000
 
 
+def test_beacon_under_python_dash_S_still_works(channel):
+    # No sitecustomize, so nothing loaded the in-process module: the beacon imports it from the path.
+    argv = script(BEACON_LOOP + """
+    import os, _stopstep_inprocess
+    print("loaded from the site directory:", _stopstep_inprocess.__file__.startswith(os.environ["SITE"]))
+    """)
+    env = child_env(channel, 50, {"SITE": SITE_DIR})
+    run = run_to_end([argv[0], "-S"] + argv[1:] + ["1000"], env, channel)
+
+    assert run.stdout.decode().splitlines() == ["stopped after 50", "loaded from the site directory: True"]
+    assert stopping(run)["step"] == 50
+
+
+def test_beacon_loads_its_own_copy_when_the_site_directory_is_not_on_the_path(channel):
+    # A launcher rebuilt PYTHONPATH without stopstep's site directory, but the channel is in the environment.
+    argv = script(BEACON_LOOP + """
+    import os, _stopstep_inprocess, stopstep_cli
+    site = os.path.join(os.path.dirname(stopstep_cli.__file__), "_site")
+    print("own copy:", os.path.dirname(_stopstep_inprocess.__file__) == site)
+    """)
+    env = child_env(channel, 50)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in env["PYTHONPATH"].split(os.pathsep) if p != SITE_DIR)
+    run = run_to_end(argv + ["1000"], env, channel)
+
+    assert run.stdout.decode().splitlines() == ["stopped after 50", "own copy: True"]
+    assert stopping(run)["step"] == 50
+
+
 def test_beacon_outside_stopstep_returns_false_and_sends_nothing(channel):
     run = run_to_end(script(BEACON_LOOP) + ["1000"], child_env(None, None), channel)
 
@@ -196,8 +251,9 @@ def test_stop_at_announced_by_the_supervisor_is_honoured(channel):
         run.send_lines(10)
         run.wait_for_output(b"at 10\n")
         run.pump(lambda r: r.of_type("hello"))
-        channel.announce_stop(15, "time_limit")
-        run.send_lines(10)
+        channel.announce_stop(25, "signal")
+        channel.announce_stop(15, "time_limit")  # an earlier stop decided after: the earliest wins
+        run.send_lines(20)
         run.finish()
 
     assert b"stopped after 15\n" in run.stdout and b"at 15" not in run.stdout

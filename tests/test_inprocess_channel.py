@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import stat
+import threading
 
 import pytest
 
@@ -66,7 +67,11 @@ def test_socket_lives_in_a_private_directory_removed_on_close():
 
 
 def test_receive_never_blocks_and_parses_what_came(channel):
-    assert channel.receive() == []
+    nothing = []
+    waiting = threading.Thread(target=lambda: nothing.append(channel.receive()), daemon=True)
+    waiting.start()
+    waiting.join(timeout=10)
+    assert nothing == [[]], "receive() waited for a datagram"
     sock = client(channel)
     send(sock, hello())
     send(sock, {"t": "step", "pid": 100, "rank": 0, "step": 1, "v": {"loss": 0.5}})
@@ -89,19 +94,22 @@ def test_receive_takes_at_most_max_messages(channel):
     assert [m["step"] for m in channel.receive()] == [3, 4, 5]
 
 
-@pytest.mark.parametrize("datagram", [
-    b"not json",
-    b"\xff\xfe",
-    b"[1, 2]",
-    b'{"t": "step", "pid": 1, "rank": 0}',  # no step
-    b'{"t": "step", "pid": 1, "rank": 0, "step": "7"}',
-    b'{"t": "step", "pid": 1, "rank": 0, "step": true}',
-    b'{"t": "step", "pid": 1, "rank": 0, "step": 7, "v": [0.5]}',
-    b'{"t": "step", "pid": 1, "rank": 0, "step": 7, "skipped": "x"}',
-    b'{"t": "hello", "pid": 1, "rank": 0, "step": 0}',  # no framework
-    b'{"t": "hello", "pid": "1", "rank": 0, "fw": "hf", "step": 0}',
-    b'{"t": "something new", "pid": 1, "rank": 0}',
-])
+MALFORMED = {
+    "not-json": b"not json",
+    "not-utf8": b"\xff\xfe",
+    "not-an-object": b"[1, 2]",
+    "no-step": b'{"t": "step", "pid": 1, "rank": 0}',
+    "step-a-string": b'{"t": "step", "pid": 1, "rank": 0, "step": "7"}',
+    "step-a-bool": b'{"t": "step", "pid": 1, "rank": 0, "step": true}',
+    "values-not-an-object": b'{"t": "step", "pid": 1, "rank": 0, "step": 7, "v": [0.5]}',
+    "skipped-not-a-number": b'{"t": "step", "pid": 1, "rank": 0, "step": 7, "skipped": "x"}',
+    "hello-without-framework": b'{"t": "hello", "pid": 1, "rank": 0, "step": 0}',
+    "pid-a-string": b'{"t": "hello", "pid": "1", "rank": 0, "fw": "hf", "step": 0}',
+    "unknown-type": b'{"t": "something new", "pid": 1, "rank": 0, "step": 5}',
+}
+
+
+@pytest.mark.parametrize("datagram", MALFORMED.values(), ids=MALFORMED.keys())
 def test_malformed_datagrams_are_counted_and_left_out(channel, datagram):
     sock = client(channel)
     send(sock, datagram)

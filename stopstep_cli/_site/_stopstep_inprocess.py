@@ -624,13 +624,17 @@ def _attach_lightning(module):
             self._planned_step = None
 
         def on_train_start(self, trainer, pl_module):
-            _guarded(namespace, _client.begin, "lightning", trainer.global_step)
+            _guarded(namespace, self._start, trainer)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *args):
             _guarded(namespace, self._batch_end, trainer, outputs)
 
         def on_train_end(self, trainer, pl_module):
             _guarded(namespace, self._write_planned_checkpoints, trainer)
+
+        def _start(self, trainer):
+            self._last_step = trainer.global_step  # the step it starts at is not a finished step
+            _client.begin("lightning", self._last_step)
 
         def _batch_end(self, trainer, outputs):
             step = trainer.global_step

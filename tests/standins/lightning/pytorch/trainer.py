@@ -2,9 +2,10 @@
 
 Per batch: training_step, global_step += 1 at each accumulation boundary, every callback's
 on_train_batch_end (checkpoint callbacks last), then the epoch loop's done check
-(max_steps, or should_stop unless min_steps is not reached yet). Per epoch: every
-callback's on_train_epoch_end, the epoch counted, then the fit loop's done check. Then
-on_train_end and fit returns normally.
+(max_steps, or should_stop unless min_steps is not reached yet). Per epoch: the epoch's
+metrics into callback_metrics (``train_loss_epoch``, as ``self.log(..., on_epoch=True)``
+gives), every callback's on_train_epoch_end, the epoch counted, then the fit loop's
+done check. Then on_train_end and fit returns normally.
 """
 
 import json
@@ -53,14 +54,17 @@ class Trainer:
         self._call("on_train_start", model)
         while not self._fit_done():
             self._call("on_train_epoch_start", model)
+            losses = []
             for batch_idx, batch in enumerate(train_dataloaders):
                 outputs = model.training_step(batch, batch_idx)
+                losses.append(outputs["loss"])
                 if (batch_idx + 1) % self.accumulate_grad_batches == 0:
                     self.global_step += 1
                     self.callback_metrics["train_loss"] = outputs["loss"]
                 self._call("on_train_batch_end", model, outputs, batch, batch_idx)
                 if self._epoch_done():
                     break
+            self.callback_metrics["train_loss_epoch"] = sum(losses) / len(losses)
             self._call("on_train_epoch_end", model)
             self.current_epoch += 1
         self._call("on_train_end", model)
