@@ -13,7 +13,6 @@ import pytest
 from inprocess_support import (
     BEACON_LOOP,
     BEACON_STEPPED,
-    DISENGAGED,
     HF_TRAIN,
     Run,
     child_env,

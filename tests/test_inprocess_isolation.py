@@ -5,7 +5,6 @@ on, and processes without the channel (or under ``python -S``) are untouched."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

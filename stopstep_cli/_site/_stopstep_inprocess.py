@@ -19,6 +19,9 @@ happens until a framework is imported or ``stopstep_cli.beacon.step`` is called:
 - ``keras``: ``Model.fit`` gets a ``Callback`` that sets ``model.stop_training`` at the
   batch end where ``optimizer.iterations`` reaches the stop step.
 
+Under ``python -S`` no ``sitecustomize`` runs, so no framework is hooked; the beacon
+still imports this module from ``PYTHONPATH`` (which ``-I`` ignores too).
+
 Nothing here may break or slow the training: any error disengages the module for
 good, with one line on stderr (``stopstep: in-process stop disengaged: ...``), and
 the supervisor's outside view carries on.
