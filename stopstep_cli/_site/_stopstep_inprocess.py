@@ -8,6 +8,9 @@ stopstep needs to be installed where the command runs.
 :func:`install` reads the environment and registers post-import hooks; nothing else
 happens until a framework is imported or ``stopstep_cli.beacon.step`` is called:
 
+The integrations live in ``_stopstep_frameworks.py`` beside this file, loaded when a
+framework is imported:
+
 - ``transformers.trainer``: every ``Trainer`` gets a ``TrainerCallback`` that, at the
   ``on_step_end`` where ``state.global_step`` reaches the stop step, sets
   ``control.should_save`` and ``control.should_training_stop``: the Trainer writes
@@ -95,12 +98,12 @@ TARGET_ENV = "STOPSTEP_INPROC_TARGET"
 DISABLE_ENV = "STOPSTEP_INPROC_DISABLE"
 PROTOCOL = 1
 
-#: Post-import hooks: module name -> the name of the function here that attaches to it.
+#: Post-import hooks: module name -> the function of _stopstep_frameworks that attaches to it.
 FRAMEWORK_MODULES = {
-    "transformers.trainer": "_attach_transformers",
-    "lightning.pytorch": "_attach_lightning",
-    "pytorch_lightning": "_attach_lightning",
-    "keras": "_attach_keras",
+    "transformers.trainer": "attach_transformers",
+    "lightning.pytorch": "attach_lightning",
+    "pytorch_lightning": "attach_lightning",
+    "keras": "attach_keras",
 }
 
 _REPORT_INTERVAL = 0.001  # seconds: steps closer together than this are reported together
@@ -409,7 +412,7 @@ def _plain_values(values):
         elif kind is str:
             plain[str(key)] = value[:_MAX_STRING]
         else:
-            number = _host_number(value)
+            number = host_number(value)
             if number is not None:
                 plain[str(key)] = number
     return plain
@@ -426,7 +429,7 @@ def _has_non_finite(values):
 _INF = float("inf")
 
 
-def _host_number(value):
+def host_number(value):
     """A float for a numpy scalar or a one-element CPU tensor; None for a tensor on an
     accelerator (reading it would make training wait for the device) or a non-number."""
     device = getattr(value, "device", None)
@@ -438,7 +441,7 @@ def _host_number(value):
         return None
 
 
-def _guarded(framework, call, *args):
+def guarded(framework, call, *args):
     """Run an integration's own work; an error disengages instead of reaching the training code."""
     current = _client
     if current is None or current.disengaged:
@@ -516,10 +519,9 @@ def _install_hooks():
     global _finder
     if _finder is not None:
         return
-    this = sys.modules[__name__]
     hooks = {}
     for name, attach in FRAMEWORK_MODULES.items():
-        hooks[name] = _hook_for(name, getattr(this, attach))
+        hooks[name] = _hook_for(name, attach)
     _finder = _PostImportFinder(hooks)
     sys.meta_path.insert(0, _finder)
     for name, hook in hooks.items():
@@ -530,259 +532,13 @@ def _install_hooks():
 
 def _hook_for(name, attach):
     def hook(module):
-        _guarded(name, attach, module)
+        guarded(name, _attach, attach, module)
 
     return hook
 
 
-def _patch_init(cls, after_init):
-    """Make ``cls.__init__`` call ``after_init(instance)`` once the original is done."""
-    import functools
+def _attach(attach, module):
+    # The integrations are compiled and loaded only when a framework is imported.
+    import _stopstep_frameworks
 
-    original = cls.__init__
-    if getattr(original, "_stopstep_patched", False):
-        return
-
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        _guarded(cls.__module__, after_init, self)
-
-    __init__._stopstep_patched = True
-    cls.__init__ = __init__
-
-
-# -- Hugging Face Transformers --------------------------------------------------
-
-def _attach_transformers(module):
-    base = getattr(module, "TrainerCallback", None)
-    if base is None:
-        from transformers.trainer_callback import TrainerCallback as base  # noqa: N813
-
-    class StopstepTrainerCallback(base):
-        """stopstep: stop (and save) at the stop step; report every step with what it logged."""
-
-        def __init__(self):
-            self._logged = None  # values logged outside a step's own log (evaluation): sent with the next step
-            self._deferred = None  # (step, values) whose report waits for the step's on_log
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            _guarded("transformers", _client.begin, "hf", state.global_step)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            return _guarded("transformers", self._step_end, state, control)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            _guarded("transformers", self._log, logs)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            _guarded("transformers", self._flush)
-
-        def _step_end(self, state, control):
-            self._flush()
-            values, self._logged = self._logged, None
-            # DefaultFlowCallback, before us, set should_log when this step logs: its
-            # loss comes in on_log right after, so the step's report waits for it.
-            defer = bool(control.should_log)
-            if _client.step_end("hf", state.global_step, values, report=not defer):
-                control.should_save = True
-                control.should_training_stop = True
-            if defer:
-                self._deferred = (state.global_step, values)
-            return control
-
-        def _log(self, logs):
-            if self._deferred is not None:
-                (step, values), self._deferred = self._deferred, None
-                merged = dict(values or {})
-                merged.update(logs or {})
-                _client.report("hf", step, merged)
-            elif logs:
-                self._logged = dict(logs)
-
-        def _flush(self):
-            if self._deferred is not None:  # its on_log never came
-                (step, values), self._deferred = self._deferred, None
-                _client.report("hf", step, values)
-
-    def add_callback(trainer):
-        trainer.add_callback(StopstepTrainerCallback())
-
-    _patch_init(module.Trainer, add_callback)
-
-
-# -- Lightning ----------------------------------------------------------------
-
-def _attach_lightning(module):
-    namespace = module.__name__  # lightning.pytorch or pytorch_lightning
-    Callback = module.Callback
-
-    class StopstepLightningCallback(Callback):
-        """stopstep: stop at the stop step, and make sure a checkpoint at that step is
-        written where (and as) each ModelCheckpoint of the run writes."""
-
-        def __init__(self):
-            self._last_step = None
-            self._planned = []  # (ModelCheckpoint, path) for the step the stop was decided at
-            self._planned_step = None
-
-        def on_train_start(self, trainer, pl_module):
-            _guarded(namespace, self._start, trainer)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *args):
-            _guarded(namespace, self._batch_end, trainer, outputs)
-
-        def on_train_end(self, trainer, pl_module):
-            _guarded(namespace, self._write_planned_checkpoints, trainer)
-
-        def _start(self, trainer):
-            self._last_step = trainer.global_step  # the step it starts at is not a finished step
-            _client.begin("lightning", self._last_step)
-
-        def _batch_end(self, trainer, outputs):
-            step = trainer.global_step
-            if step == self._last_step:
-                return  # accumulating gradients: no optimizer step finished with this batch
-            self._last_step = step
-            if _client.step_end("lightning", step, _lightning_values(outputs)):
-                trainer.should_stop = True
-                self._plan_checkpoints(trainer, step)
-
-        def _plan_checkpoints(self, trainer, step):
-            # Named now, with the epoch and metrics of the stop step, as ModelCheckpoint
-            # names it at this batch end; written at on_train_end, after ModelCheckpoint
-            # (which runs after us) had its own chance to save at this step.
-            self._planned, self._planned_step = [], step
-            for callback in trainer.callbacks:
-                if not _writes_checkpoints(callback):
-                    continue
-                candidates = _monitor_candidates(callback, trainer)
-                self._planned.append((callback, callback.format_checkpoint_name(candidates)))
-
-        def _write_planned_checkpoints(self, trainer):
-            step = self._planned_step
-            if step is None or trainer.global_step != step:
-                return
-            # Every rank decides alike (the same step, ModelCheckpoint state, and rank 0's
-            # answer to file_exists), and every rank calls save_checkpoint, as DDP needs.
-            for callback, path in self._planned:
-                if getattr(callback, "_last_global_step_saved", None) == step:
-                    continue
-                exists = getattr(callback, "file_exists", None)
-                if exists(path, trainer) if exists is not None else os.path.exists(path):
-                    continue
-                trainer.save_checkpoint(path, getattr(callback, "save_weights_only", False))
-            self._planned, self._planned_step = [], None
-
-    def add_callback(trainer):
-        callbacks = trainer.callbacks
-        # Lightning keeps checkpoint callbacks last; go just before them, like a user's callback.
-        position = len(callbacks)
-        for index, callback in enumerate(callbacks):
-            if _is_checkpoint_callback(callback):
-                position = index
-                break
-        callbacks.insert(position, StopstepLightningCallback())
-
-    _patch_init(module.Trainer, add_callback)
-
-
-def _is_checkpoint_callback(callback):
-    return callable(getattr(callback, "format_checkpoint_name", None))
-
-
-def _writes_checkpoints(callback):
-    """A ModelCheckpoint that saves top-k checkpoints somewhere (its dirpath is set in setup)."""
-    return (_is_checkpoint_callback(callback)
-            and getattr(callback, "dirpath", None) is not None
-            and getattr(callback, "save_top_k", 1) != 0)
-
-
-def _monitor_candidates(callback, trainer):
-    candidates = getattr(callback, "_monitor_candidates", None)
-    if candidates is not None:
-        return candidates(trainer)
-    metrics = dict(getattr(trainer, "callback_metrics", None) or {})
-    metrics.setdefault("epoch", trainer.current_epoch)
-    metrics.setdefault("step", trainer.global_step)
-    return metrics
-
-
-def _lightning_values(outputs):
-    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-    if loss is None:
-        return None
-    number = _host_number(loss)
-    return None if number is None else {"loss": number}
-
-
-# -- Keras --------------------------------------------------------------------
-
-_KERAS_FIT_CALLBACKS_POSITION = 5  # fit(x, y, batch_size, epochs, verbose, callbacks, ...), Keras 2 and 3
-
-
-def _attach_keras(module):
-    import functools
-
-    Callback = module.callbacks.Callback
-    Model = module.Model
-
-    class StopstepKerasCallback(Callback):
-        """stopstep: stop at the batch end where optimizer.iterations reaches the stop step."""
-
-        def on_train_begin(self, logs=None):
-            _guarded("keras", self._begin)
-
-        def on_train_batch_end(self, batch, logs=None):
-            _guarded("keras", self._batch_end, logs)
-
-        def _begin(self):
-            try:
-                start = int(self.model.optimizer.iterations)
-            except Exception:  # not built yet in some versions: the start step is optional
-                start = None
-            _client.begin("keras", start)
-
-        def _batch_end(self, logs):
-            model = self.model  # one access: with JAX it syncs the model's state
-            if _client.step_end("keras", int(model.optimizer.iterations), logs):
-                model.stop_training = True
-
-    original = Model.fit
-    if getattr(original, "_stopstep_patched", False):
-        return
-
-    @functools.wraps(original)
-    def fit(self, *args, **kwargs):
-        added = _guarded("keras", _with_callback, self, args, kwargs, StopstepKerasCallback)
-        if added is not None:
-            args, kwargs = added
-        return original(self, *args, **kwargs)
-
-    fit._stopstep_patched = True
-    Model.fit = fit
-
-
-def _with_callback(model, args, kwargs, callback_class):
-    """fit's arguments with one of our callbacks added to ``callbacks``, wherever it was passed."""
-    positional = len(args) > _KERAS_FIT_CALLBACKS_POSITION
-    callbacks = args[_KERAS_FIT_CALLBACKS_POSITION] if positional else kwargs.get("callbacks")
-    if callbacks is None:
-        callbacks = [callback_class()]
-    elif isinstance(callbacks, (list, tuple)):
-        if any(isinstance(c, callback_class) for c in callbacks):
-            return args, kwargs
-        callbacks = list(callbacks) + [callback_class()]
-    elif isinstance(getattr(callbacks, "callbacks", None), list):  # a CallbackList, used as it is
-        if not any(isinstance(c, callback_class) for c in callbacks.callbacks):
-            ours = callback_class()
-            ours.set_model(model)
-            callbacks.callbacks.append(ours)
-        return args, kwargs
-    else:
-        return args, kwargs
-    if positional:
-        args = args[:_KERAS_FIT_CALLBACKS_POSITION] + (callbacks,) + args[_KERAS_FIT_CALLBACKS_POSITION + 1:]
-    else:
-        kwargs = dict(kwargs, callbacks=callbacks)
-    return args, kwargs
+    getattr(_stopstep_frameworks, attach)(module)
