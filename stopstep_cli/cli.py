@@ -193,22 +193,24 @@ def run(**opts) -> int:
         progress=_progress(opts),
         hook_timeout=opts["hook_timeout"],
         guardian=True,
+        on_report=lambda report: _publish(report, opts["report_path"], console),
+        # a hook will not come back; the tree is down and the report written: end here
+        on_abandon=lambda report: _exit_now(report.exit_code, console),
     )
+    return supervisor.run().exit_code
 
-    def publish(report) -> int:
-        if opts["report_path"]:
-            try:
-                write_report(opts["report_path"], report)
-            except StopstepError as exc:
-                console.error(str(exc))
-                if report.exit_code == 0:
-                    report.exit_code = exc.exit_code
-        github_step_summary(report)
-        return report.exit_code
 
-    # The main thread is stuck in a hook that will not come back; the tree is down: end here.
-    supervisor.on_abandon = lambda report: _exit_now(publish(report))
-    return publish(supervisor.run())
+def _publish(report, path: Optional[str], console: Console) -> None:
+    """The report file and the GitHub job summary (inside the run, so that a reader
+    that never reads cannot hold the end up)."""
+    if path:
+        try:
+            write_report(path, report)
+        except StopstepError as exc:
+            console.error(str(exc))
+            if report.exit_code == 0:
+                report.exit_code = exc.exit_code
+    github_step_summary(report)
 
 
 def _hooks(opts) -> list:
@@ -338,12 +340,14 @@ def entry_point() -> None:
     _exit_now(main())
 
 
-def _exit_now(code: int) -> None:
+def _exit_now(code: int, console: Optional[Console] = None) -> None:
     # Skip interpreter teardown: the tree is down and the report written, and
-    # a supervisor's exit should not cost the job milliseconds of GC.
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError, AttributeError):  # AttributeError: started without that fd
-            pass
+    # a supervisor's exit should not cost the job milliseconds of GC. Nothing is
+    # flushed to a stream whose reader stopped reading (it would block for good).
+    if console is None or not console.gone:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):  # AttributeError: started without that fd
+                pass
     os._exit(code)

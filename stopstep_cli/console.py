@@ -12,16 +12,31 @@ class Console:
         self.level = level
         self.stream = stream
         self.before_write = None  # e.g. erase a status line first
+        self.guard = None  # a context manager around each write: bounds it in time (the supervisor's)
+        self.gone = False  # a write was cut short: the reader stopped reading; say nothing more
 
     def _write(self, text: str) -> None:
+        if self.gone:
+            return
         stream = self.stream or sys.stderr
-        if self.before_write is not None:
-            self.before_write()
         try:
-            stream.write(f"stopstep: {text}\n")
-            stream.flush()
+            if self.guard is None:
+                self._write_now(stream, text)
+            else:
+                with self.guard():
+                    self._write_now(stream, text)
         except (OSError, ValueError, AttributeError):  # stderr closed or gone: nothing to tell
             pass
+        except BaseException as exc:  # the guard's Overrun: stderr's reader does not take it
+            if type(exc).__name__ != "Overrun":
+                raise
+            self.gone = True
+
+    def _write_now(self, stream, text: str) -> None:
+        if self.before_write is not None:
+            self.before_write()
+        stream.write(f"stopstep: {text}\n")
+        stream.flush()
 
     def error(self, text: str) -> None:
         self._write(text)

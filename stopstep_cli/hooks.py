@@ -31,6 +31,8 @@ from typing import (
     Sequence,
 )
 
+from .outcome import OWN_REASONS, TARGET_REACHED
+
 
 class SessionRunArgs(NamedTuple):
     """What a hook's ``before_run`` asks for: fetch names, in any nesting of
@@ -83,16 +85,39 @@ class SessionRunContext:
         """
         check_stop_request(reason, exit_code, message)
         if not self._stop_requested:
-            self.stop_reason = reason or "hook_requested"
-            self.stop_exit_code = exit_code
-            self.stop_message = message
+            self.stop_reason = _plain(reason) or "hook_requested"
+            self.stop_exit_code = int(exit_code)
+            self.stop_message = _plain(message)
         self._stop_requested = True
+
+
+def _plain(text: Optional[str]) -> Optional[str]:
+    """A str subclass as a plain str (its own __str__ or __format__ may do anything)."""
+    return None if text is None else str.__str__(text)
+
+
+def safe_text(value: object) -> str:
+    """``str(value)`` for a message, whatever the value's own __str__ does."""
+    try:
+        return str(value)
+    except BaseException:  # noqa: B902 - a hook's object: anything can happen in there
+        return f"<{type(value).__name__} that cannot be shown>"
+
+
+def safe_repr(value: object) -> str:
+    try:
+        return repr(value)
+    except BaseException:  # noqa: B902
+        return f"<{type(value).__name__} that cannot be shown>"
 
 
 def check_stop_request(reason: object, exit_code: object, message: object) -> None:
     """What ``request_stop`` accepts: a string reason (or None), an exit status 0-255, a string message."""
     if reason is not None and not isinstance(reason, str):
         raise TypeError(f"request_stop(reason=...) must be a string, not {type(reason).__name__}")
+    if reason in OWN_REASONS:
+        raise ValueError(f"request_stop(reason={str.__str__(reason)!r}) is a reason only stopstep itself gives; "
+                         f"choose another")
     if isinstance(exit_code, bool) or not isinstance(exit_code, int):
         raise TypeError(f"request_stop(exit_code=...) must be an int, not {type(exit_code).__name__}")
     if not 0 <= exit_code <= 255:
@@ -134,9 +159,9 @@ class Coordinator:
         """Stop the run at the next chance (same arguments as SessionRunContext.request_stop)."""
         check_stop_request(reason, exit_code, message)
         if not self._stop:
-            self.reason = reason or "hook_requested"
-            self.exit_code = exit_code
-            self.message = message
+            self.reason = _plain(reason) or "hook_requested"
+            self.exit_code = int(exit_code)
+            self.message = _plain(message)
         self._stop = True
 
     def should_stop(self) -> bool:
@@ -209,7 +234,7 @@ class StopAtStepHook(SessionRunHook):
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
         step = run_values.results
         if step is not None and self._last_step is not None and step >= self._last_step:
-            run_context.request_stop(reason="target_reached")
+            run_context.request_stop(reason=TARGET_REACHED)
 
 
 def resolve_fetches(fetches: Any, values: Mapping[str, object]) -> Any:
@@ -234,7 +259,7 @@ class HookFailed(Exception):
     def __init__(self, hook: object, method: str, error: BaseException, where: Optional[str] = None):
         self.hook, self.method, self.error = hook, method, error
         self.where = where or f"{type(hook).__name__}.{method}"
-        super().__init__(f"hook {self.where} failed: {type(error).__name__}: {error}")
+        super().__init__(f"hook {self.where} failed: {type(error).__name__}: {safe_text(error)}")
 
     def explain(self, hook_timeout: float) -> List[str]:
         """What to tell the user: one line saying what happened, then the hook's traceback."""
@@ -246,8 +271,11 @@ class HookFailed(Exception):
         elif isinstance(error, TimeoutError) or hasattr(error, "after_the_tree"):
             first = f"{error} (--hook-timeout {hook_timeout:g}); stopping"
         else:
-            first = f"hook {self.where} raised {type(error).__name__}: {error}"
-        trace = "".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip()
+            first = f"hook {self.where} raised {type(error).__name__}: {safe_text(error)}"
+        try:
+            trace = "".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip()
+        except BaseException:  # noqa: B902 - an exception that cannot even be formatted
+            trace = f"(no traceback: the {type(error).__name__} cannot be shown)"
         return [first, trace.replace("\n", "\n    ")]
 
 
@@ -287,16 +315,15 @@ class HookRunner:
         call = self.call
         requests = [call(hook, "before_run", ctx) for hook in self.hooks]
         for hook, args in zip(self.hooks, requests):
-            if args is None:
-                fetches = None
-            elif isinstance(args, SessionRunArgs) or hasattr(args, "fetches"):
-                fetches = args.fetches
-            else:
-                raise HookFailed(hook, "before_run", TypeError(
-                    f"before_run returned {type(args).__name__}, not SessionRunArgs or None"))
             try:
+                if args is None:
+                    fetches = None
+                elif isinstance(args, SessionRunArgs) or hasattr(args, "fetches"):
+                    fetches = args.fetches
+                else:
+                    raise TypeError(f"before_run returned {type(args).__name__}, not SessionRunArgs or None")
                 results = resolve_fetches(fetches, values)
-            except TypeError as exc:
+            except Exception as exc:  # a bad return value: a fetches property that raises, a cycle
                 raise HookFailed(hook, "before_run", exc) from None
             call(hook, "after_run", ctx, SessionRunValues(results))
         return ctx
@@ -323,5 +350,5 @@ class HookRunner:
             return None
         if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline):
             raise HookFailed(hook, "deadline", TypeError(
-                f"deadline() returned {deadline!r}, not a time.monotonic() time or None"))
+                f"deadline() returned {safe_repr(deadline)}, not a time.monotonic() time or None"))
         return None if self._woken.get(id(hook)) == deadline else float(deadline)

@@ -21,6 +21,10 @@ NAN_LOSS = "nan_loss"  # --stop-on-nan
 HOOK_ERROR = "hook_error"  # a hook raised, overran --hook-timeout or asked for something impossible
 HOOK_REQUESTED = "hook_requested"  # a hook's request_stop() without a reason of its own
 CHECKPOINT_MISSING = "checkpoint_missing"  # --stop-after-checkpoint: the command exited before the checkpoint came
+LAUNCH_FAILED = "launch_failed"  # the command could not be started (not found: 127, not executable: 126)
+
+#: Reasons only stopstep itself gives; a hook's request_stop may not use them.
+OWN_REASONS = frozenset((PROCESS_EXITED, SIGNAL, HOOK_ERROR, CHECKPOINT_MISSING, LAUNCH_FAILED))
 
 # -- exit statuses ------------------------------------------------------------------------
 
@@ -115,6 +119,7 @@ class Outcome(NamedTuple):
     reason: str
     exit_code: int
     summary: str  # one line, at most SUMMARY_WIDTH characters
+    target_not_reached: bool = False  # --require-target turned a clean early exit into a failure
 
 
 SUMMARY_WIDTH = 100
@@ -139,11 +144,12 @@ def conclude(facts: RunFacts) -> Outcome:
       else happened (the report keeps the first cause as the reason).
     """
     status = exit_status(facts.returncode) if facts.returncode is not None else None
+    failed_target = False
     if facts.stop_reason is None:
         reason = PROCESS_EXITED
         code = status if status is not None else EXIT_OWN_FAILURE
         if code == 0 and facts.require_target and not target_reached(facts):
-            code = EXIT_TARGET_NOT_REACHED
+            code, failed_target = EXIT_TARGET_NOT_REACHED, True
     elif facts.stop_reason == CHECKPOINT_MISSING:
         reason = CHECKPOINT_MISSING
         code = status if status else 1
@@ -154,7 +160,7 @@ def conclude(facts: RunFacts) -> Outcome:
             code = EXIT_KILLED
     if facts.received_signal is not None:
         code = exit_for_signal(facts.received_signal)
-    return Outcome(reason, code, _summary(facts, reason, code, status))
+    return Outcome(reason, code, _summary(facts, reason, code, status), failed_target and code == EXIT_TARGET_NOT_REACHED)
 
 
 def _summary(facts: RunFacts, reason: str, code: int, status: Optional[int]) -> str:
@@ -171,7 +177,7 @@ def _summary(facts: RunFacts, reason: str, code: int, status: Optional[int]) -> 
     else:
         if reason == TARGET_REACHED:
             head = f"reached step {seen} (target {target})"
-        elif reason == SIGNAL:
+        elif reason == SIGNAL and facts.received_signal is not None:
             head = f"stopped by {signal_name(facts.received_signal)} at step {seen}"
         elif reason == CHECKPOINT_MISSING:
             head = f"no checkpoint at or past step {target} came (last step {seen})"
@@ -186,7 +192,10 @@ def _summary(facts: RunFacts, reason: str, code: int, status: Optional[int]) -> 
     line = "; ".join(parts + ([rate] if rate else []) + [tail])
     if len(line) > SUMMARY_WIDTH:
         line = "; ".join(parts + [tail])
-    return line[:SUMMARY_WIDTH]
+    if len(line) > SUMMARY_WIDTH:  # a long reason: shorten the head, never the exit status
+        keep = SUMMARY_WIDTH - len(tail) - 5
+        line = line[:keep] + "...; " + tail
+    return line
 
 
 def _how_it_ended(facts: RunFacts, status: Optional[int]) -> str:

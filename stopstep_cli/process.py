@@ -28,6 +28,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Sequence
 
 from .errors import CommandNotExecutable, CommandNotFound, StopstepError
@@ -188,6 +189,7 @@ class ProcessTree:
         self.stderr_fd = -1
         self.returncode: Optional[int] = None  # Popen-style, once the command exited
         self.reaped = False
+        self.orphan_exited_at = 0.0  # time.monotonic() an adopted orphan was last reaped
 
     # -- start ------------------------------------------------------------
 
@@ -308,30 +310,29 @@ class ProcessTree:
         return info is not None and info.si_pid == self.pid and info.si_code == os.CLD_STOPPED
 
     def reap_orphans(self) -> None:
-        """Reap the exited orphans re-parented to stopstep (never the command, never a foreign pid)."""
+        """Reap the exited orphans re-parented to stopstep: never the command, never a
+        foreign pid, never a child stopstep's own process made (a hook's subprocess is
+        in stopstep's process group; its owner waits for it)."""
         if not self.adopts_orphans:
             return
         keep = self.foreign | {self.pid}
-        while True:
+        own_group = os.getpgrp()
+        for pid in own_children():
+            if pid in keep:
+                continue
+            info = _read_stat(pid)
+            if info is None or info.state != "Z" or info.pgid == own_group:
+                continue
             try:
-                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:
-                return
-            if info is None or info.si_pid == 0:
-                return
-            if info.si_pid in keep:
-                # That one is not ours to reap now; reap the others one by one.
-                for pid in own_children():
-                    if pid not in keep:
-                        try:
-                            os.waitpid(pid, os.WNOHANG)
-                        except ChildProcessError:
-                            pass
-                return
-            try:
-                os.waitpid(info.si_pid, os.WNOHANG)
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    self.orphan_exited_at = time.monotonic()
             except ChildProcessError:
                 pass
+
+    def quiet(self, now: float, settle: float = 0.05) -> bool:
+        """No adopted orphan exited in the last ``settle`` seconds: a process that forks
+        and exits over and over (a new pid each time) leaves a trail of them."""
+        return now - self.orphan_exited_at >= settle
 
     def reap(self) -> None:
         """Reap the command itself; only once the tree is down."""
@@ -363,8 +364,9 @@ class ProcessTree:
         for info in table.values():
             children.setdefault(info.ppid, []).append(info.pid)
         roots = [self.pid]
-        if self.adopts_orphans:
-            roots += [pid for pid in children.get(me, ()) if pid not in self.foreign]
+        if self.adopts_orphans:  # adopted orphans; not what stopstep's own process forked (hooks)
+            own_group = os.getpgrp()
+            roots += [pid for pid in children.get(me, ()) if pid not in self.foreign and table[pid].pgid != own_group]
         found = set()
         stack = list(roots)
         while stack:
@@ -407,7 +409,7 @@ class Guardian:
 
     SCRIPT = (
         "trap '' INT HUP TERM QUIT; pg=; "
-        "while IFS= read -r line; do case $line in done) exit 0;; *) pg=$line;; esac; done; "
+        "while IFS= read -r line; do case $line in done) exit 0;; -) pg=;; *) pg=$line;; esac; done; "
         '[ -n "$pg" ] || exit 0; '
         'kill -s "$1" -- "-$pg" 2>/dev/null || exit 0; kill -s CONT -- "-$pg" 2>/dev/null; '
         'sleep "$2"; kill -s KILL -- "-$pg" 2>/dev/null; exit 0'
@@ -436,6 +438,10 @@ class Guardian:
 
     def watch(self, pgid: int) -> None:
         self._send(f"{pgid}\n")
+
+    def forget(self) -> None:
+        """The group is about to be reaped (its id may be reused): nothing to signal any more."""
+        self._send("-\n")
 
     def release(self) -> None:
         """stopstep is ending normally: the guardian leaves without a signal."""

@@ -6,7 +6,7 @@ import errno
 import os
 import re
 import stat
-from typing import Dict
+from typing import Dict, Optional
 
 from .errors import StopstepError, UsageError
 from .outcome import PROCESS_EXITED
@@ -79,8 +79,10 @@ def write_report(path: str, report: RunReport) -> None:
         raise StopstepError(f"cannot write report {path}: {exc.strerror}") from None
     if st is not None and (not stat.S_ISREG(st.st_mode) or _names_a_descriptor(path)):
         _write_in_place(path, data, append=stat.S_ISREG(st.st_mode))
+    elif st is not None and st.st_nlink > 1:
+        _write_in_place(path, data, append=False, truncate=True)  # a rename would break its other names
     else:
-        _replace_atomically(os.path.realpath(path), data, path)
+        _replace_atomically(os.path.realpath(path), data, path, st)
 
 
 def _names_a_descriptor(path: str) -> bool:
@@ -95,8 +97,8 @@ def _names_a_descriptor(path: str) -> bool:
     return False
 
 
-def _write_in_place(path: str, data: bytes, append: bool) -> None:
-    flags = os.O_WRONLY | os.O_NONBLOCK | (os.O_APPEND if append else 0)
+def _write_in_place(path: str, data: bytes, append: bool, truncate: bool = False) -> None:
+    flags = os.O_WRONLY | os.O_NONBLOCK | (os.O_APPEND if append else 0) | (os.O_TRUNC if truncate else 0)
     try:
         fd = os.open(path, flags)  # non-blocking: a FIFO nobody reads must not hang the end
     except OSError as exc:
@@ -113,7 +115,7 @@ def _write_in_place(path: str, data: bytes, append: bool) -> None:
         os.close(fd)
 
 
-def _replace_atomically(real: str, data: bytes, given: str) -> None:
+def _replace_atomically(real: str, data: bytes, given: str, previous: Optional[os.stat_result] = None) -> None:
     import tempfile
 
     directory = os.path.dirname(real)
@@ -126,7 +128,14 @@ def _replace_atomically(real: str, data: bytes, given: str) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
+        if previous is not None:  # the report it replaces keeps its mode and owner
+            os.chmod(tmp, stat.S_IMODE(previous.st_mode))
+            try:
+                os.chown(tmp, previous.st_uid, previous.st_gid)
+            except OSError:
+                pass
+        else:
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, real)
     except OSError as exc:
         try:
@@ -134,6 +143,12 @@ def _replace_atomically(real: str, data: bytes, given: str) -> None:
         except OSError:
             pass
         raise StopstepError(f"cannot write report {given}: {exc.strerror}") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def check_report_path(path: str) -> None:

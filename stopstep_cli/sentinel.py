@@ -33,6 +33,7 @@ import time
 from typing import Callable, NamedTuple, Optional, Sequence
 
 from .signals import INTERRUPT_SIGNAL, TERMINATING_SIGNALS, SignalInbox
+from .stop_sequence import Stage
 from .waker import Waker
 
 #: How long after an overrun (and the tree being down) the main thread has to come back.
@@ -67,20 +68,22 @@ class Overrun(BaseException):
 
 
 class _Section:
-    __slots__ = ("sentinel", "what", "seconds", "kind")
+    __slots__ = ("sentinel", "what", "seconds", "kind", "outer")
 
     def __init__(self, sentinel: "Sentinel", what: str, seconds: float, kind: str):
         self.sentinel, self.what, self.seconds, self.kind = sentinel, what, seconds, kind
+        self.outer = None
 
     def __enter__(self):
         sentinel = self.sentinel
         sentinel._token += 1
         now = time.monotonic()
+        self.outer = sentinel._section  # a message written while a write is guarded: nested
         sentinel._section = (sentinel._token, now + self.seconds, self.what, self.seconds, self.kind, now)
         return self
 
     def __exit__(self, *exc_info):
-        self.sentinel._section = None
+        self.sentinel._section, self.outer = self.outer, None
         return False
 
 
@@ -101,8 +104,10 @@ class Sentinel:
         self.tree = None
         self.sequence = None
         self.foreground = None
-        self.cooperative = None  # issue 10: how a received signal becomes a cooperative stop
+        self.cooperative = None  # how a received signal becomes a cooperative stop, when one can
         self.on_abandon: Optional[Callable[[], None]] = None
+        self.terminal = None  # a TerminalSignals listener, while the command holds the terminal
+        self._suspended = False  # stopstep stopped its own job after the command's Ctrl-Z
         self._attach_lock = threading.Lock()
         self._main_ident = threading.main_thread().ident
         self._section = None  # (token, deadline, what, seconds, kind) while the main thread is in one
@@ -111,7 +116,9 @@ class Sentinel:
         self._fired_at = 0.0
         self._abandoned = False
         self._finished_said = None
+        self._interrupts_seen = 0
         self._closing = False
+        self._poller = select.poll()
         self._thread = threading.Thread(target=self._run, name="stopstep-sentinel", daemon=True)
 
     # -- the main thread's side ---------------------------------------------------------
@@ -129,6 +136,18 @@ class Sentinel:
         """Before the command is reaped: no signal may be passed to its group after this."""
         with self._attach_lock:
             self.tree, self.sequence = None, None
+            self.terminal = None
+
+    def listen_to_terminal(self, listener) -> None:
+        """Hear the terminal's signals to the command's group through ``listener``."""
+        if listener.fd is not None:
+            self._poller.register(listener.fd, select.POLLIN)
+            self.terminal = listener
+            self.wake()
+
+    def wind_down(self) -> None:
+        """The run is ending: whatever is under way gets at most write_limit more."""
+        self._finished_at = min(self._finished_at, time.monotonic())
 
     def guard(self, what: str, seconds: float, kind: str = "hook") -> _Section:
         """``with sentinel.guard("hook X.after_run", 60): ...`` raises Overrun past the deadline."""
@@ -150,7 +169,7 @@ class Sentinel:
         self.loop_waker.close()
         self._wake.close()
 
-    def _interrupt_main(self, signum, frame):
+    def _interrupt_main(self, signum, frame):  # noqa: ARG002
         """INTERRUPT_SIGNAL's handler, run on the main thread."""
         section = self._section
         if section is not None and section[0] == self._fired:
@@ -160,7 +179,7 @@ class Sentinel:
     # -- the sentinel's own thread -----------------------------------------------------------
 
     def _run(self) -> None:
-        poller = select.poll()
+        poller = self._poller
         poller.register(self.inbox.fileno(), select.POLLIN)
         poller.register(self._wake.fileno(), select.POLLIN)
         while not self._closing:
@@ -173,18 +192,28 @@ class Sentinel:
             if section is not None and section[0] != self._fired:
                 wake_at = min(wake_at, self._deadline_of(section))
             try:
-                poller.poll(max(0.0, wake_at - now) * 1000.0)
+                ready = poller.poll(max(0.0, wake_at - now) * 1000.0)
             except InterruptedError:
-                pass
+                ready = []
             if self._closing:
                 return
             self._wake.clear()
             for signum in self.inbox.drain():
                 self._on_signal(signum)
+            terminal = self.terminal
+            if terminal is not None and any(fd == terminal.fd for fd, _ in ready):
+                heard = terminal.heard()
+                if not heard:
+                    poller.unregister(terminal.fd)  # the listener is gone
+                    self.terminal = None
+                for signum in heard:
+                    self._on_signal(signum, from_terminal=True)
             self._advance_sequence()
             self._check_section(time.monotonic())
 
-    def _on_signal(self, signum: int) -> None:
+    def _on_signal(self, signum: int, from_terminal: bool = False) -> None:
+        """A signal stopstep received, or (``from_terminal``) one the terminal sent to the
+        command's group, which has it already and must not get it twice."""
         if signum == INTERRUPT_SIGNAL:
             return
         with self._attach_lock:
@@ -192,23 +221,40 @@ class Sentinel:
             if signum == signal.SIGCHLD:
                 if tree is not None:
                     tree.reap_orphans()  # no zombie piles up under a subreaper or PID 1
-                    if self.foreground is not None and tree.poll_stopped():
-                        self.foreground.suspend(tree)  # Ctrl-Z: returns once we are continued
+                    if self.foreground is not None and not self._suspended and tree.poll_stopped():
+                        self._suspended = True
+                        self.foreground.stop_own_job()  # Ctrl-Z: we stop; SIGCONT comes back here
                 self.post(Event(CHILD, signum))
+                return
+            if signum == signal.SIGCONT:
+                if self._suspended:
+                    self._suspended = False
+                    if tree is not None:
+                        self.foreground.resume(tree)
                 return
             terminating = signum in TERMINATING_SIGNALS
             if terminating and self.received_signal is None:
                 self.received_signal = signum
+            if terminating and (sequence is None or sequence.finished):
+                self.wind_down()  # nothing left to stop: what still runs (a hook) gets write_limit more
             if terminating and self.cooperative is not None and self.cooperative(signum):
                 self.post(Event(SIGNAL_RECEIVED, signum, "cooperative"))
                 return
-            if tree is not None:
+            if signum == signal.SIGINT and sequence is not None and sequence.stage is Stage.SIGNALLED \
+                    and self._interrupts_seen:
+                sequence.kill_now()  # Ctrl-C again: the user means it
+                self.post(Event(SIGNAL_RECEIVED, signum, "forced"))
+                return
+            if signum == signal.SIGINT:
+                self._interrupts_seen += 1
+            if tree is not None and not from_terminal:
                 tree.signal_group(signum)
             if signum == signal.SIGWINCH:
                 self.post(Event(WINCH, signum))
             if terminating:
                 started = sequence.begin(already_sent=signum) if sequence is not None else False
-                self.post(Event(SIGNAL_RECEIVED, signum, "started" if started else "again"))
+                how = "started" if started else "again"
+                self.post(Event(SIGNAL_RECEIVED, signum, f"{how} terminal" if from_terminal else how))
             else:
                 self.post(Event(SIGNAL_PASSED, signum))
 
@@ -224,12 +270,17 @@ class Sentinel:
                 self.post(Event(STOP_PROGRESS, None, ""))  # the loop looks at the sequence
 
     def _deadline_of(self, section) -> float:
-        # Once the tree is down, what was already under way (a write to a reader that
-        # stopped reading, a hook that sleeps) gets write_limit more, then the run ends
-        # without it. Before that, a slow reader slows the command as it would without
-        # stopstep, and a hook has its own --hook-timeout.
-        if section[5] <= self._finished_at:
-            return min(section[1], self._finished_at + self.write_limit)
+        # Once the tree is down (or the run winds down), a write gets write_limit, and
+        # what was already under way (a hook that sleeps) gets write_limit more; then
+        # the run ends without it. Before that, a slow reader slows the command as it
+        # would without stopstep, and a hook has its own --hook-timeout.
+        finished = self._finished_at
+        if finished == float("inf"):
+            return section[1]
+        if section[4] == "write":
+            return min(section[1], max(section[5], finished) + self.write_limit)
+        if section[5] <= finished:
+            return min(section[1], finished + self.write_limit)
         return section[1]
 
     def _check_section(self, now: float) -> None:
@@ -254,6 +305,8 @@ class Sentinel:
                 self._abandoned = True
                 self.on_abandon()
                 return
+        if not self.inbox.active:
+            return  # run() is not on the main thread: nothing there can be interrupted
         try:
             signal.pthread_kill(self._main_ident, INTERRUPT_SIGNAL)  # again, while it stays in there
         except (ProcessLookupError, OSError):

@@ -127,7 +127,8 @@ class SignalInbox:
         self.active = threading.current_thread() is threading.main_thread()
         #: signals that were ignored when stopstep started: left ignored, not passed on
         self.ignored_at_start = frozenset(s for s in signals if signal.getsignal(s) == signal.SIG_IGN)
-        self.signals = tuple(s for s in signals if s not in self.ignored_at_start) + (signal.SIGCHLD,)
+        # and two for stopstep itself: SIGCHLD (the command exited or stopped), SIGCONT (resumed after Ctrl-Z)
+        self.signals = tuple(s for s in signals if s not in self.ignored_at_start) + (signal.SIGCHLD, signal.SIGCONT)
         if not self.active:
             return
         self._previous_wakeup = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
@@ -142,7 +143,7 @@ class SignalInbox:
         # A job-control stop of a backgrounded stopstep would freeze the tree's output.
         for signum in (signal.SIGTTIN, signal.SIGTTOU):
             self._previous[signum] = signal.signal(signum, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
+        self._previous_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
 
     def fileno(self) -> int:
         return self._read_fd
@@ -161,6 +162,7 @@ class SignalInbox:
 
     def close(self) -> None:
         if self.active:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._previous_mask)
             signal.set_wakeup_fd(self._previous_wakeup)
             for signum, handler in self._previous.items():
                 try:

@@ -21,9 +21,8 @@ from .hooks import (
     SessionRunValues,
     TrainingSession,
 )
-
-EXIT_TIMEOUT = 124  # as coreutils timeout
-EXIT_NAN = 4
+from .outcome import EXIT_NAN_LOSS as EXIT_NAN
+from .outcome import EXIT_TIMEOUT, NAN_LOSS, STALLED, TIME_LIMIT
 
 
 class StallHook(SessionRunHook):
@@ -38,9 +37,11 @@ class StallHook(SessionRunHook):
         self.first_step_timeout = first_step_timeout if first_step_timeout is not None else stall_timeout
         self._since: Optional[float] = None
         self._stepped = False
+        self._session: Optional[TrainingSession] = None
 
     def after_create_session(self, session: TrainingSession, coord: Coordinator) -> None:
         self._since, self._stepped = time.monotonic(), False  # each new process gets its start-up time
+        self._session = session
 
     def after_run(self, run_context: SessionRunContext, run_values: SessionRunValues) -> None:
         self._since, self._stepped = time.monotonic(), True
@@ -50,14 +51,16 @@ class StallHook(SessionRunHook):
 
     def deadline(self) -> Optional[float]:
         limit = self._limit()
-        return None if limit is None or self._since is None else self._since + limit
+        if limit is None or self._since is None or self._session is None or self._session.pid is None:
+            return None  # no process to stall (a restart delay): the clock starts with the next one
+        return self._since + limit
 
     def on_deadline(self, session: TrainingSession, coord: Coordinator) -> None:
         if self._stepped:
             what = f"no new step for {self._limit():g}s after step {session.global_step}"
         else:
             what = f"no first step within {self._limit():g}s"
-        coord.request_stop(reason="stalled", exit_code=EXIT_TIMEOUT, message=f"stalled: {what}")
+        coord.request_stop(reason=STALLED, exit_code=EXIT_TIMEOUT, message=f"stalled: {what}")
 
 
 class TimeLimitHook(SessionRunHook):
@@ -75,7 +78,7 @@ class TimeLimitHook(SessionRunHook):
         return None if self._start is None else self._start + self.seconds
 
     def on_deadline(self, session: TrainingSession, coord: Coordinator) -> None:
-        coord.request_stop(reason="time_limit", exit_code=EXIT_TIMEOUT,
+        coord.request_stop(reason=TIME_LIMIT, exit_code=EXIT_TIMEOUT,
                            message=f"time limit of {self.seconds:g}s reached (last step seen: {session.global_step})")
 
 
@@ -94,6 +97,6 @@ class NanLossHook(SessionRunHook):
         value = run_values.results
         if isinstance(value, float) and not math.isfinite(value):
             run_context.request_stop(
-                reason="nan_loss", exit_code=EXIT_NAN,
+                reason=NAN_LOSS, exit_code=EXIT_NAN,
                 message=f"{self.field} is {value} at step {run_context.session.global_step}",
             )

@@ -57,7 +57,7 @@ class StopSequence:
 
     ``tree`` needs ``signal_group(signum)``, ``signal_outside_group(members, signum)``,
     ``kill_all(members)``, ``live_members()`` (a list, or None when it cannot
-    tell) and ``poll_exit()``. ``notify(text)`` is told what was done, in words.
+    tell), ``poll_exit()`` and ``quiet(now)`` (no adopted orphan died just now). ``notify(text)`` is told what was done, in words.
     """
 
     def __init__(self, tree, stop_signal: int, grace_period: float, clock: Callable[[], float] = time.monotonic,
@@ -104,6 +104,12 @@ class StopSequence:
             if self.stage is Stage.COOPERATIVE:
                 self._signal(self.clock(), None)
 
+    def kill_now(self) -> None:
+        """Skip what is left of the grace period (a second Ctrl-C): SIGKILL now."""
+        with self._lock:
+            if self.stage in (Stage.COOPERATIVE, Stage.SIGNALLED):
+                self._kill(self.clock(), self.tree.live_members(), "killed at once on a second Ctrl-C")
+
     def _signal(self, now: float, already_sent: Optional[int]) -> None:
         if already_sent is None:
             self.tree.signal_group(self.stop_signal)
@@ -133,14 +139,17 @@ class StopSequence:
         with self._lock:
             if not self.active:
                 return None
-            now = self.clock()
-            if now < self._next_check:
+            if self.clock() < self._next_check:
                 return self._next_check
             exited = self.tree.poll_exit() is not None
             members = self.tree.live_members()
+            now = self.clock()  # after the walk: it may have waited for the interpreter
             if exited and (members is None or not members):
-                self.stage = Stage.DONE
-                return None
+                if self.tree.quiet(now):
+                    self.stage = Stage.DONE
+                    return None
+                self._next_check = now + CHECK_FIRST  # orphans still dying: look again soon
+                return self._next_check
             if exited and members and not self._leftovers_told and self.stage is not Stage.KILLING:
                 self._tell_leftovers(members)
             if self.stage is Stage.COOPERATIVE and now >= self._deadline:
@@ -155,7 +164,8 @@ class StopSequence:
                 if now >= self._deadline:
                     self.stage = Stage.GAVE_UP
                     left = ", ".join(describe(info) for info in (members or [])[:10])
-                    self.notify(f"giving up: still alive {KILL_SWEEP_LIMIT:g}s after SIGKILL: {left}")
+                    self.notify(f"giving up: still alive {KILL_SWEEP_LIMIT:g}s after SIGKILL: "
+                                f"{left or 'the command (its exit cannot be seen)'}")
                     return None
                 self.tree.kill_all(members or [])  # a helper may still be forking
                 self._next_check = min(now + KILL_SWEEP_INTERVAL, self._deadline)
@@ -172,19 +182,19 @@ class StopSequence:
         self.notify(f"{len(members)} process(es) outlived the command ({outside} outside its group); "
                     f"sent {self.stop_signal.name}")
 
-    def _kill(self, now: float, members: Optional[List]) -> None:
+    def _kill(self, now: float, members: Optional[List], why: str = "") -> None:
         self.tree.kill_all(members or [])
         self.killed = True
         self.stage = Stage.KILLING
         self._deadline = now + KILL_SWEEP_LIMIT
         self._next_check = now + KILL_SWEEP_INTERVAL
+        why = why or f"grace period of {self.grace_period:g}s over"
         if members is None:  # the processes cannot be listed here (no /proc)
-            self.notify(f"grace period of {self.grace_period:g}s over; killed the process group with SIGKILL")
+            self.notify(f"{why}; killed the process group with SIGKILL")
             return
         # the count is what was alive when the kill went out
         shown = ", ".join(describe(info) for info in members[:5]) + (" ..." if len(members) > 5 else "")
-        self.notify(f"grace period of {self.grace_period:g}s over; killed {len(members)} process(es) "
-                    f"with SIGKILL: {shown}")
+        self.notify(f"{why}; killed {len(members)} process(es) with SIGKILL: {shown}")
 
     def _schedule(self, now: float, reset: bool = False) -> None:
         self._interval = CHECK_FIRST if reset else min(self._interval * 2, CHECK_MAX)

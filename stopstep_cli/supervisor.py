@@ -55,8 +55,8 @@ from .sentinel import (
 from .signals import FORWARDED_SIGNALS, all_catchable_signals
 from .sources import SourceSet
 from .steps import StepLedger
-from .stop_sequence import StopSequence
-from .terminal import Foreground, is_terminal, wants_pty
+from .stop_sequence import Stage, StopSequence
+from .terminal import Foreground, TerminalSignals, is_terminal, wants_pty
 
 #: How long the pipes may take to give up what they still hold once the tree is down.
 DRAIN_LIMIT = 3.0
@@ -80,7 +80,11 @@ class Supervisor:
     A hook call that has not returned after ``hook_timeout`` seconds is a failed
     hook. ``subreaper`` adopts orphaned descendants (the command line turns it
     on; from Python it is off unless asked); ``guardian`` starts a small process
-    that brings the tree down if stopstep itself is SIGKILLed.
+    that brings the tree down if stopstep itself is SIGKILLed. ``on_report(report)``
+    is called at the end of every run (writes in it are bounded in time);
+    ``on_abandon(report)`` after it when a hook never returned and the run ended
+    without it (the command line exits there; without it, :meth:`run` waits for
+    the hook).
     :meth:`run` returns a :class:`RunReport`; its ``exit_code`` is stopstep's status.
     """
 
@@ -106,6 +110,8 @@ class Supervisor:
         progress=None,
         hook_timeout: float = 60.0,
         guardian: bool = False,
+        on_report: Optional[Callable[[RunReport], None]] = None,
+        on_abandon: Optional[Callable[[RunReport], None]] = None,
     ):
         self.argv = list(argv)
         self.target = target
@@ -124,7 +130,8 @@ class Supervisor:
         self.tty, self.foreground_wanted = tty, foreground
         self.progress = progress
         self.hook_timeout = float(hook_timeout)
-        self.on_abandon: Optional[Callable[[RunReport], None]] = None  # the main thread is lost: last words
+        self.on_report = on_report  # publish the report while the stop path still bounds writes
+        self.on_abandon = on_abandon  # the main thread is lost in a hook: what to do after the report
 
         self.coord = Coordinator()
         self.session = TrainingSession(self.argv, start_step=start_step)
@@ -143,6 +150,9 @@ class Supervisor:
         self._subreaper = Subreaper()
         self._pending: List[str] = []  # our messages, held until the read that caused them is written
         self._start_checked = False  # the command's own first step was compared with the resume point
+        self._listener: Optional[TerminalSignals] = None
+        self._stopped_with: Optional[int] = None  # the signal that started the grace period of a stop we made
+        self._froze_gc = False
         self._started = self._attempt_started = 0.0
 
     # -- the run --------------------------------------------------------------------
@@ -158,6 +168,7 @@ class Supervisor:
         self._sentinel.on_abandon = self._abandon if self.on_abandon is not None else None
         self._poller.register(self._sentinel.loop_waker.fileno(), select.POLLIN)
         self.console.before_write = self.pump.before_message
+        self.console.guard = lambda: self._sentinel.guard("writing stopstep's messages", float("inf"), kind="write")
         try:
             self._sentinel.start()
             if self.subreaper or pid1:
@@ -190,15 +201,33 @@ class Supervisor:
         foreground = self._foreground if self._foreground is not None and self._foreground.active else None
         # stopstep's children that are not the tree's: its host's own (API), the guardian
         foreign = self.tree.foreign if self.tree is not None else frozenset(own_children() if self.subreaper else ())
-        tree = self.tree = ProcessTree(self.argv, self.env, self.stop_signal,
-                                       adopts_orphans=self.subreaper or os.getpid() == 1, foreign=foreign)
+        try:
+            tree = ProcessTree(self.argv, self.env, self.stop_signal,
+                               adopts_orphans=self.subreaper or os.getpid() == 1, foreign=foreign)
+        except StopstepError as exc:  # an empty command name
+            self.console.error(f"error: {exc}")
+            self.cause = StopCause(outcome.LAUNCH_FAILED, exc.exit_code)
+            self._enter(Phase.DONE)
+            return
+        self.tree = tree
         self.sequence = StopSequence(tree, self.stop_signal, self.grace_period, notify=self._sentinel_says)
-        tree.spawn(stdout_pty=wants_pty(self.tty, 1), stderr_pty=wants_pty(self.tty, 2),
-                   child_setup=foreground.child_setup if foreground else None)
+        try:
+            tree.spawn(stdout_pty=wants_pty(self.tty, 1), stderr_pty=wants_pty(self.tty, 2),
+                       child_setup=foreground.child_setup if foreground else None)
+        except StopstepError as exc:  # not found (127), not executable (126): said, and in the report
+            self.console.error(f"error: {exc}")
+            self.cause = StopCause(outcome.LAUNCH_FAILED, exc.exit_code)
+            self.sequence = None
+            self._enter(Phase.DONE)
+            return
         self._sentinel.attach(tree, self.sequence)
         self._attempt_started = time.monotonic()
         if foreground:
             foreground.attach(tree.pid)
+            self._listener = TerminalSignals(tree.pid)  # Ctrl-C now goes to the command's group
+            if self._listener.pid is not None:
+                tree.foreign = tree.foreign | {self._listener.pid}
+                self._sentinel.listen_to_terminal(self._listener)
         if self.guardian_wanted and self._guardian is None and os.getpid() != 1:
             self._guardian = Guardian(self.stop_signal, self.grace_period)
             self._guardian.start()
@@ -227,6 +256,7 @@ class Supervisor:
             # What start-up made (click, the hooks, the formats) lives until the end:
             # keep the collector from walking it again on every full collection.
             gc.freeze()
+            self._froze_gc = True
         self._run_hooks(lambda: self.runner.after_create_session(self.session, self.coord))
         self.report.target_step = self.target.last_step if self.target else None
         if self.coord.should_stop():
@@ -322,22 +352,29 @@ class Supervisor:
             self.cause = StopCause(outcome.SIGNAL, outcome.exit_for_signal(received))
 
     def _on_signal_received(self, signum: int, how: str) -> None:
+        """``how``: "started" (it began the stop), "again", "forced" (a second Ctrl-C);
+        "... terminal" when the terminal sent it to the command's group, not to stopstep."""
         name = signal.Signals(signum).name
         self._signal_came_first()
         if self.phase in (Phase.STARTING, Phase.RESTART_DELAY):
             self.console.info(f"received {name}; ending the run")
             self._enter(Phase.DONE)
-        elif how == "again" or self.phase in (Phase.DRAINING, Phase.DONE):
+            return
+        if how == "forced":
+            self.console.info("Ctrl-C again: killing the tree now")
+        elif how.startswith("again") or self.phase in (Phase.DRAINING, Phase.DONE):
             self.console.debug(f"passed {name} on; the grace period is not restarted")
         else:
-            self.console.info(f"received {name}; passed it on and waiting up to "
-                              f"{self.grace_period:g}s for the command")
-            if self.phase in (Phase.RUNNING, Phase.WAITING_FOR_CHECKPOINT):
-                self.timers.clear("checkpoint_wait")
-                if self.sequence.stage.value == "idle":  # it came before the sentinel knew this tree
-                    self.sequence.begin()
-                    self._sentinel.wake()
-                self._enter(Phase.STOPPING)
+            sent = "the command got it from the terminal" if how.endswith("terminal") else "passed it on"
+            hint = "; Ctrl-C again kills it at once" if signum == signal.SIGINT else ""
+            self.console.info(f"received {name}; {sent}; waiting up to {self.grace_period:g}s for the command{hint}")
+        if self.phase in (Phase.RUNNING, Phase.WAITING_FOR_CHECKPOINT):
+            self.timers.clear("checkpoint_wait")
+            if self.sequence.stage is Stage.IDLE:  # it came before the sentinel knew this tree
+                self.sequence.begin()
+                self._sentinel.wake()
+            self._stopped_with = self.sequence.signal_sent
+            self._enter(Phase.STOPPING)
 
     def _on_timer(self, name: str) -> None:
         now = time.monotonic()
@@ -401,8 +438,16 @@ class Supervisor:
             self._poller_forget(stream.in_fd)
         self.pump.close_all()
         self._sentinel.detach()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._foreground is not None:
+            self._foreground.take_back()  # between runs, Ctrl-C is for stopstep
+        if self._guardian is not None:
+            self._guardian.forget()  # before the reap frees the group's id for reuse
         tree = self.tree
         tree.reap()
+        self.session.pid = None  # no process until the next start (a stall clock rests)
         self._look_at_sources_once_more()
         self._flush_messages()
         self.report.child_returncode = tree.returncode
@@ -531,6 +576,7 @@ class Supervisor:
         """The stop signal to the group, now (on this thread); the sentinel times the rest."""
         self.timers.clear("checkpoint_wait")
         self.sequence.begin()
+        self._stopped_with = self.sequence.signal_sent
         self._sentinel.wake()
         self._enter(Phase.STOPPING)
 
@@ -608,11 +654,11 @@ class Supervisor:
             last_step_seen=report.last_step_seen,
             duration_s=report.duration_s,
             steps_per_s=report.steps_per_s,
-            stop_signal=sequence.signal_sent if sequence is not None and cause is not None else None,
+            stop_signal=self._stopped_with,
         )
 
     def _finish(self) -> None:
-        self.report.duration_s = round(time.monotonic() - self._started, 6)
+        self._sentinel.wind_down()  # from here on, a write that blocks has write_limit seconds
         self.report.steps_per_s = self.steps.steps_per_s()
         facts = self._facts()
         status = outcome.exit_status(facts.returncode) if facts.returncode is not None else None
@@ -628,6 +674,8 @@ class Supervisor:
 
     def _conclude(self, facts: RunFacts) -> None:
         report = self.report
+        report.duration_s = round(time.monotonic() - self._started, 6)
+        facts = facts._replace(duration_s=report.duration_s)
         result = conclude(facts)
         report.reason, report.exit_code = result.reason, result.exit_code
         report.killed = facts.killed
@@ -638,24 +686,35 @@ class Supervisor:
         self._flush_messages()
         for what in self.sources.missing():
             self.console.info(f"{what} never appeared")
-        if result.exit_code == outcome.EXIT_TARGET_NOT_REACHED and result.reason == outcome.PROCESS_EXITED:
+        if result.target_not_reached:
             seen = "none" if report.last_step_seen is None else report.last_step_seen
             self.console.error(f"command exited 0 before reaching step {report.target_step} "
                                f"(last step seen: {seen}); failing as --require-target asks")
-        else:
+        elif result.reason != outcome.LAUNCH_FAILED:  # that one said it all already
             self.console.info(result.summary)
+        if self.on_report is not None:
+            try:
+                with self._sentinel.guard("writing the report", float("inf"), kind="write"):
+                    self.on_report(report)
+            except Overrun:
+                self.console.error(f"the report's reader did not take it within {DRAIN_LIMIT:g}s; not written")
+                if report.exit_code == 0:
+                    report.exit_code = outcome.EXIT_OWN_FAILURE
 
     def _abandon(self) -> None:
         """On the sentinel's thread: the main thread is stuck in a hook that will not
         come back, and the tree is down. Say so and hand over the report."""
         self.hook_error = self.hook_error or HookFailed(None, "", TimeoutError("did not come back"), where="?")
-        self.cause = self.cause or StopCause(outcome.HOOK_ERROR, outcome.EXIT_HOOK_FAILED)
-        self.report.duration_s = round(time.monotonic() - self._started, 6)
+        if self.cause is None or self.cause.reason != outcome.SIGNAL:
+            self.cause = StopCause(outcome.HOOK_ERROR, outcome.EXIT_HOOK_FAILED)  # whatever it was stopping for
+        if self._guardian is not None:
+            self._guardian.release()  # the tree is down; the process ends without the usual tidy-up
         self.console.error("a hook did not come back after it was interrupted; ending without it")
         self._conclude(self._facts())
         self.on_abandon(self.report)
 
     def _tidy_up(self) -> None:
+        self.console.guard = None  # the sentinel is going
         self.pump.close_all()
         self.sources.close()
         if self._foreground is not None:
@@ -669,6 +728,10 @@ class Supervisor:
             if self.sequence is not None and not self.sequence.finished:
                 self.tree.kill_all(self.tree.live_members() or [])
             self.tree.reap()
+        if self._listener is not None:
+            self._listener.close()
         if self._guardian is not None:
             self._guardian.release()
         self._subreaper.restore()
+        if self._froze_gc:
+            gc.unfreeze()  # a library leaves its host's collector as it found it

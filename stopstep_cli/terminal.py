@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import signal
 import termios
-import threading
 from typing import Optional, Tuple
 
 
@@ -86,31 +85,103 @@ class Foreground:
             except OSError:
                 pass
 
-    def suspend(self, tree) -> None:
-        """The command was stopped from the terminal (Ctrl-Z): stop stopstep's own
-        job too, so the shell gets its prompt back; on ``fg`` resume the tree."""
-        if not self.active:
-            return
-        self._give(self._own_group)
-        os.killpg(self._own_group, signal.SIGSTOP)
-        # A process-directed SIGSTOP may be taken by another of our threads, and this
-        # one would run on (and continue the tree) before the stop takes hold. One
-        # directed at this thread stops it right here, on the way out of the call.
-        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
-        # ...continued (fg or bg). In the foreground again: give the terminal back.
+    def stop_own_job(self) -> None:
+        """The command was stopped from the terminal (Ctrl-Z): stop stopstep's own job
+        too, so the shell gets its prompt back. (Called from the sentinel's thread; the
+        stop takes hold on every thread of ours soon after. :meth:`resume` follows
+        once SIGCONT, ``fg`` or ``bg``, has come.)"""
+        if self.active:
+            self._give(self._own_group)
+            os.killpg(self._own_group, signal.SIGSTOP)
+
+    def resume(self, tree) -> None:
+        """Continued after :meth:`stop_own_job`: in the foreground again (``fg``), give the
+        terminal back to the command; continue the tree either way."""
         try:
-            foreground = os.tcgetpgrp(self.fd) == self._own_group
+            foreground = self.active and os.tcgetpgrp(self.fd) == self._own_group
         except OSError:
             foreground = False
         if foreground and self._child_group is not None:
             self._give(self._child_group)
         tree.signal_group(signal.SIGCONT)
 
+    def take_back(self) -> None:
+        """Between two runs of the command: the terminal is stopstep's, so Ctrl-C reaches it."""
+        self._give(self._own_group)
+        self._child_group = None
+
     def restore(self) -> None:
         """Take the terminal back for stopstep's group (the shell expects its job to have it)."""
         if self.active:
             self._give(self._own_group)
             self.active = False
+
+
+# A process in the command's group that hears what the terminal sends it: the
+# terminal's signals go to its foreground group (the command's), not to stopstep.
+# Signals sent by stopstep or anyone else (si_code SI_USER) are not reported;
+# the terminal's own (SI_KERNEL) are, one byte each, on its stdout.
+_LISTENER = """
+import os, signal
+heard = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+held = heard + (signal.SIGTERM, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1,
+                signal.SIGUSR2, signal.SIGALRM, signal.SIGWINCH, signal.SIGPIPE)
+signal.pthread_sigmask(signal.SIG_BLOCK, held)
+parent = os.getppid()
+while os.getppid() == parent:
+    info = signal.sigtimedwait(held, 1.0)
+    if info is not None and info.si_signo in heard and info.si_code == 0x80:
+        os.write(1, bytes([info.si_signo]))
+"""
+
+
+class TerminalSignals:
+    """Ctrl-C, Ctrl-\\ and a hang-up, as the terminal sends them to the command.
+
+    With the terminal handed to the command's process group, stopstep does not
+    get those signals itself. A small listener process joins that group and
+    reports the ones the terminal sent (not stopstep's own stop signals), so a
+    Ctrl-C is known for what it is: a request to stop, not a crash to restart;
+    and a second one can force the stop.
+    """
+
+    def __init__(self, group: int):
+        import subprocess
+        import sys
+
+        self.pid: Optional[int] = None
+        self.fd: Optional[int] = None
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            proc = subprocess.Popen([sys.executable, "-S", "-E", "-c", _LISTENER], stdin=subprocess.DEVNULL,
+                                    stdout=write_fd, stderr=subprocess.DEVNULL, close_fds=True,
+                                    preexec_fn=lambda: os.setpgid(0, group))
+        except (OSError, subprocess.SubprocessError):  # the group is gone already
+            os.close(read_fd)
+            return
+        finally:
+            os.close(write_fd)
+        proc.returncode = 0  # stopstep reaps it itself
+        self.pid, self.fd = proc.pid, read_fd
+
+    def heard(self) -> bytes:
+        """The signals the terminal sent since the last call (one byte each)."""
+        try:
+            return os.read(self.fd, 64)
+        except OSError:
+            return b""
+
+    def close(self) -> None:
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self.pid = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def wants_pty(mode: str, fd: int) -> bool:

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Dict, List, Sequence
 
-from .hooks import SessionRunHook
+from .hooks import SessionRunHook, safe_text
 
 _LIFECYCLE = ("begin", "after_create_session", "before_run", "after_run", "end", "deadline", "on_deadline")
 
@@ -54,8 +54,8 @@ def load_hook_class(spec: str) -> type:
             module = _import(where)
     except HookLoadError:
         raise
-    except Exception as exc:  # the user's module raised while importing
-        raise HookLoadError(f"--hook {spec}: importing {where} failed: {type(exc).__name__}: {exc}") from None
+    except BaseException as exc:  # noqa: B902 - the user's module raised (or exited) while importing
+        raise HookLoadError(f"--hook {spec}: importing {where} failed: {type(exc).__name__}: {safe_text(exc)}") from None
     try:
         cls = getattr(module, name)
     except AttributeError:
@@ -111,8 +111,9 @@ def load_hooks(specs: Sequence[str], args: Dict[str, object]) -> List[SessionRun
         kwargs = {k: v for k, v in args.items() if _accepts(cls, k)}
         try:
             hook = cls(**kwargs)
-        except Exception as exc:
-            raise HookLoadError(f"--hook {spec}: constructing it failed: {type(exc).__name__}: {exc}") from None
+        except BaseException as exc:  # noqa: B902 - SystemExit or KeyboardInterrupt in a constructor too
+            raise HookLoadError(f"--hook {spec}: constructing it failed: {type(exc).__name__}: "
+                                f"{safe_text(exc)}") from None
         for method in _LIFECYCLE:  # a duck-typed hook gets the default for what it lacks
             if not hasattr(hook, method):
                 setattr(hook, method, getattr(SessionRunHook(), method))

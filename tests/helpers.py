@@ -3,10 +3,13 @@ what a user would check (exit status, bytes out, steps, no process left)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import subprocess
 import sys
+import termios
+import threading
 import time
 from pathlib import Path
 
@@ -132,3 +135,52 @@ def stderr_lines(result) -> list:
     return [line for line in result.stderr.decode(errors="replace").splitlines() if line.startswith("stopstep:")]
 
 
+class Terminal:
+    """stopstep run on a pseudo-terminal that is its controlling terminal, as from a shell."""
+
+    def __init__(self, args):
+        self.master, slave = os.openpty()
+
+        def make_controlling():
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.proc = subprocess.Popen(STOPSTEP + list(args), stdin=slave, stdout=slave, stderr=slave,
+                                     start_new_session=True, preexec_fn=make_controlling, env=_env(None))
+        os.close(slave)
+        self.output = b""
+        self._lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        while True:
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            with self._lock:
+                self.output += data
+
+    def wait_for(self, needle: bytes, timeout=TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while needle not in self.output:
+            assert time.monotonic() < deadline, f"{needle!r} not on the terminal; got {self.output[-400:]!r}"
+            time.sleep(0.01)
+
+    def type(self, data: bytes):
+        os.write(self.master, data)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=TIMEOUT)
+        os.close(self.master)
+
+
+def wait_until(check, what: str = "condition", timeout: float = TIMEOUT):
+    """Poll ``check`` until it holds; fails after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
+        time.sleep(0.01)

@@ -78,7 +78,7 @@ def test_a_second_signal_during_the_grace_period_is_passed_on_without_restarting
                           "--", *trainer("--rate", "20", "--ignore", "INT,TERM", "--pidfile", pidfile))
     wait_for_output(proc.stdout, b"step 2 ")
     proc.send_signal(signal.SIGTERM)
-    wait_for_output(proc.stderr, b"received SIGTERM; passed it on and waiting up to 3s")
+    wait_for_output(proc.stderr, b"received SIGTERM; passed it on; waiting up to 3s")
     proc.send_signal(signal.SIGTERM)
     _out, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 143

@@ -9,7 +9,6 @@ import os
 import subprocess
 
 import pytest
-
 from inprocess_support import (
     BEACON_LOOP,
     BEACON_STEPPED,
@@ -19,6 +18,7 @@ from inprocess_support import (
     run_to_end,
     script,
 )
+
 from stopstep_cli.channel import SITE_DIR, InProcessChannel
 from stopstep_cli.observation import IN_PROCESS
 

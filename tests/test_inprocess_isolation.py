@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from inprocess_support import (
     DISENGAGED,
     HF_TRAIN,
@@ -21,6 +20,7 @@ from inprocess_support import (
     script,
     site_only_env,
 )
+
 from stopstep_cli.channel import SITE_DIR, InProcessChannel
 
 

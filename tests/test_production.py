@@ -3,17 +3,13 @@ PID 1, terminals and job control, live progress, the Dockerfile."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import termios
 import textwrap
-import threading
-import time
 
 import psutil
 import pytest
@@ -22,6 +18,7 @@ from helpers import (
     ROOT,
     STOPSTEP,
     TIMEOUT,
+    Terminal,
     _env,
     assert_all_gone,
     read_pids,
@@ -29,6 +26,7 @@ from helpers import (
     run_with_report,
     trainer,
     wait_for_output,
+    wait_until,
 )
 
 # -- recovery -----------------------------------------------------------------------------
@@ -125,6 +123,14 @@ class LifecycleLog:
 
         class NotAHook:
             pass
+
+        class ExitsWhenMade(SessionRunHook):
+            def __init__(self, path=None):
+                raise SystemExit(7)
+
+        class InterruptedWhenMade(SessionRunHook):
+            def __init__(self, path=None):
+                raise KeyboardInterrupt
     """)
 
 
@@ -228,6 +234,8 @@ def test_a_hook_that_raises_stops_the_run_with_its_traceback(tmp_path, pidfile):
         ("myhooks:Logger", ["--hook-arg", "nonsense"], "is not key=value"),
         ("missing_file.py:Hook", [], "no such file"),
         ("myhooks:NotAHook", [], "has none of the hook methods"),
+        ("myhooks:ExitsWhenMade", [], "constructing it failed: SystemExit: 7"),
+        ("myhooks:InterruptedWhenMade", [], "constructing it failed: KeyboardInterrupt"),
         ("justaword", [], "is not module:Class"),
     ],
 )
@@ -321,56 +329,6 @@ def test_tty_never_and_auto_on_pipes_keep_pipes():
         assert result.stdout == b"tty False\n"
 
 
-class Terminal:
-    """stopstep run on a pseudo-terminal that is its controlling terminal, as from a shell."""
-
-    def __init__(self, args):
-        self.master, slave = os.openpty()
-
-        def make_controlling():
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-        self.proc = subprocess.Popen(STOPSTEP + list(args), stdin=slave, stdout=slave, stderr=slave,
-                                     start_new_session=True, preexec_fn=make_controlling, env=_env(None))
-        os.close(slave)
-        self.output = b""
-        self._lock = threading.Lock()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        while True:
-            try:
-                data = os.read(self.master, 4096)
-            except OSError:
-                return
-            if not data:
-                return
-            with self._lock:
-                self.output += data
-
-    def wait_for(self, needle: bytes, timeout=TIMEOUT):
-        deadline = time.monotonic() + timeout
-        while needle not in self.output:
-            assert time.monotonic() < deadline, f"{needle!r} not on the terminal; got {self.output[-400:]!r}"
-            time.sleep(0.01)
-
-    def type(self, data: bytes):
-        os.write(self.master, data)
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=TIMEOUT)
-        os.close(self.master)
-
-
-def wait_until(check, timeout=TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
 def test_the_command_can_read_the_terminal():
     code = "print('step 1', flush=True); line = input(); print('got', line, flush=True); print('step 2')"
     term = Terminal(["run", "--last-step", "2", "--", sys.executable, "-c", code])
@@ -406,11 +364,60 @@ def test_ctrl_z_suspends_the_tree_and_sigcont_resumes_it(pidfile):
                    trainer_proc.status() == psutil.STATUS_STOPPED)
         before = len(term.output)
         supervisor.send_signal(signal.SIGCONT)  # what `fg` does
-        wait_until(lambda: trainer_proc.status() != psutil.STATUS_STOPPED and b"step" in term.output[before:])
+        # one `fg` is enough: the tree runs and stopstep passes its output on again, and stays running
+        wait_until(lambda: trainer_proc.status() != psutil.STATUS_STOPPED and term.output[before:].count(b"step ") >= 3)
+        assert supervisor.status() != psutil.STATUS_STOPPED
         term.type(b"\x03")
         assert term.proc.wait(timeout=TIMEOUT) == 130
     finally:
         term.close()
+    assert_all_gone(read_pids(pidfile))
+
+
+def test_ctrl_c_on_the_terminal_is_a_stop_not_a_crash_to_restart(tmp_path):
+    report = tmp_path / "r.json"
+    term = Terminal(["run", "--last-step", "100000", "--max-restarts", "3", "--report", report, "--",
+                     *trainer("--rate", "20")])
+    try:
+        term.wait_for(b"step 2 ")
+        term.type(b"\x03")
+        assert term.proc.wait(timeout=TIMEOUT) == 130
+    finally:
+        term.close()
+    outcome = json.loads(report.read_text())
+    assert outcome["received_signal"] == "SIGINT" and outcome["restarts"] == 0
+    assert b"the command got it from the terminal" in term.output
+
+
+def test_ctrl_c_in_the_restart_delay_ends_the_run(tmp_path):
+    report = tmp_path / "r.json"
+    term = Terminal(["run", "--last-step", "100", "--max-restarts", "2", "--restart-delay", "60", "--report", report,
+                     "--", "sh", "-c", "echo step 1; exit 1"])
+    try:
+        term.wait_for(b"restarting in 60s")
+        term.type(b"\x03")
+        assert term.proc.wait(timeout=TIMEOUT) == 130
+    finally:
+        term.close()
+    outcome = json.loads(report.read_text())
+    assert outcome["received_signal"] == "SIGINT" and len(outcome["attempts"]) == 1
+
+
+def test_a_second_ctrl_c_kills_at_once(tmp_path, pidfile):
+    report = tmp_path / "r.json"
+    term = Terminal(["run", "--last-step", "100000", "--grace-period", "600", "--report", report, "--",
+                     *trainer("--rate", "20", "--ignore", "INT", "--pidfile", pidfile)])
+    try:
+        term.wait_for(b"step 2 ")
+        term.type(b"\x03")
+        term.wait_for(b"Ctrl-C again kills it at once")
+        term.type(b"\x03")
+        assert term.proc.wait(timeout=TIMEOUT) == 130  # not after the 600 s grace period
+    finally:
+        term.close()
+    outcome = json.loads(report.read_text())
+    assert outcome["killed"] is True and outcome["received_signal"] == "SIGINT"
+    assert b"Ctrl-C again: killing the tree now" in term.output
     assert_all_gone(read_pids(pidfile))
 
 

@@ -13,8 +13,14 @@ import textwrap
 
 import pytest
 
-from stopstep_cli.patterns import (DEFAULT_FORMAT, MAX_STEP_DIGITS, PRESETS, PatternError, compile_user_pattern,
-                                   resolve_formats)
+from stopstep_cli.patterns import (
+    DEFAULT_FORMAT,
+    MAX_STEP_DIGITS,
+    PRESETS,
+    PatternError,
+    compile_user_pattern,
+    resolve_formats,
+)
 from stopstep_cli.scanner import LineScanner
 
 

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import psutil
 import pytest
@@ -28,6 +27,7 @@ from helpers import (
     trainer,
     wait_for_file,
     wait_for_output,
+    wait_until,
 )
 
 HOSTILE_HOOKS = textwrap.dedent("""
@@ -86,6 +86,81 @@ HOSTILE_HOOKS = textwrap.dedent("""
                     time.sleep(1000)
                 except BaseException:
                     pass
+
+    class SwallowsInEnd(SwallowsEverything):
+        def after_run(self, ctx, values):
+            pass
+
+        def end(self, session):
+            SwallowsEverything.after_run(self, None, None)
+
+    class Unprintable(Exception):
+        def __str__(self):
+            raise RuntimeError("no words")
+
+    class RaisesUnprintable(SessionRunHook):
+        def after_run(self, ctx, values):
+            raise Unprintable()
+
+    class DeadlineUnprintable(SessionRunHook):
+        def deadline(self):
+            class Odd:
+                def __repr__(self):
+                    raise RuntimeError("no repr")
+            return Odd()
+
+    class FetchesACycle(SessionRunHook):
+        def before_run(self, ctx):
+            a = []
+            a.append(a)
+            return SessionRunArgs(a)
+
+    class FetchesRaise(SessionRunHook):
+        def before_run(self, ctx):
+            class Args:
+                @property
+                def fetches(self):
+                    raise ValueError("no fetches")
+            return Args()
+
+    class MessageThatCannotBeFormatted(SessionRunHook):
+        def after_run(self, ctx, values):
+            class Odd(str):
+                def __format__(self, spec):
+                    raise RuntimeError("no format")
+                def __str__(self):
+                    raise RuntimeError("no str")
+            ctx.request_stop(reason=Odd("odd"), message=Odd("odd message"))
+
+    class SignalReason(SessionRunHook):
+        def after_run(self, ctx, values):
+            ctx.request_stop(reason="signal")
+
+    class RunsSubprocesses(SessionRunHook):
+        # A hook with processes of its own: their statuses are its own, and they are not the tree.
+        def after_create_session(self, session, coord):
+            import subprocess
+            self.helper = subprocess.Popen(["sleep", "300"])
+
+        def after_run(self, ctx, values):
+            import subprocess
+            status = subprocess.run(["sh", "-c", "exit 3"]).returncode
+            if status != 3:
+                raise RuntimeError(f"my subprocess exited {status}, not 3")
+
+        def end(self, session):
+            if self.helper.poll() is not None:
+                raise RuntimeError(f"my helper was ended: {self.helper.returncode}")
+            self.helper.kill()
+            self.helper.wait()
+
+    class SlowBegin(SessionRunHook):
+        def __init__(self, marker):
+            self.marker = marker
+
+        def begin(self):
+            open(self.marker, "w").close()
+            time.sleep(300)
 """)
 
 
@@ -103,13 +178,6 @@ def gone(pid: int) -> bool:
         return True
 
 
-def wait_until(check, what: str, timeout: float = TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
-        time.sleep(0.01)
-
-
 # -- hooks contained ------------------------------------------------------------------------------------
 
 
@@ -120,6 +188,11 @@ def wait_until(check, what: str, timeout: float = TIMEOUT):
     ("BadExitCode", "request_stop(exit_code=256) is not an exit status (0 to 255)"),
     ("DeadlineRaises", "hook DeadlineRaises.deadline raised RuntimeError: no deadline today"),
     ("DeadlineIsAString", "deadline() returned 'soon', not a time.monotonic() time or None"),
+    ("RaisesUnprintable", "hook RaisesUnprintable.after_run raised Unprintable: <Unprintable that cannot be shown>"),
+    ("DeadlineUnprintable", "deadline() returned <Odd that cannot be shown>"),
+    ("FetchesACycle", "hook FetchesACycle.before_run raised RecursionError"),
+    ("FetchesRaise", "hook FetchesRaise.before_run raised ValueError: no fetches"),
+    ("SignalReason", "request_stop(reason='signal') is a reason only stopstep itself gives"),
 ])
 def test_a_hook_that_escapes_or_breaks_the_contract_fails_the_run_cleanly(tmp_path, pidfile, hooks, hook, says):
     result, report = run_with_report(tmp_path, "--last-step", "100000", "--hook", hooks + hook, "--",
@@ -151,6 +224,37 @@ def test_a_hook_that_does_not_return_is_interrupted_at_the_hook_timeout(tmp_path
     assert report["reason"] == "hook_error"
     assert (tmp_path / "hook.sleeping").exists() and not (tmp_path / "hook.done").exists()
     assert_all_gone(read_pids(pidfile))
+
+
+def test_a_message_that_cannot_be_formatted_is_taken_as_text(tmp_path, hooks):
+    result, report = run_with_report(tmp_path, "--last-step", "100000", "--hook",
+                                     hooks + "MessageThatCannotBeFormatted", "--", *trainer("--rate", "50"))
+    assert result.returncode == 0, result.stderr.decode()
+    assert report["reason"] == "odd" and b"odd message" in result.stderr
+
+
+def test_a_hooks_own_processes_are_its_own(tmp_path, hooks):
+    result, report = run_with_report(tmp_path, "--last-step", "30", "--grace-period", "5",
+                                     "--hook", hooks + "RunsSubprocesses", "--", *trainer("--rate", "50"))
+    assert result.returncode == 0, result.stderr.decode()  # every status 3 seen as 3; the helper untouched
+    assert report["killed"] is False and b"outlived the command" not in result.stderr
+
+
+def test_an_end_that_swallows_the_interruption_fails_the_run(tmp_path, hooks):
+    result, report = run_with_report(tmp_path, "--last-step", "3", "--hook-timeout", "1",
+                                     "--hook", hooks + "SwallowsInEnd", "--", *trainer("--rate", "50"))
+    assert result.returncode == 5 and report["reason"] == "hook_error"
+
+
+def test_sigterm_while_a_hook_holds_the_start_ends_the_run_soon(tmp_path, hooks):
+    report_path = tmp_path / "r.json"
+    proc = start_stopstep("run", "--last-step", "3", "--report", report_path, "--hook", hooks + "SlowBegin",
+                          "--hook-arg", f"marker={tmp_path / 'begun'}", "--", *trainer("--rate", "50"))
+    wait_for_file(tmp_path / "begun")
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)  # the hook would hold it 60 s (its timeout); the signal cuts that to 3
+    assert proc.returncode == 143
+    assert json.loads(report_path.read_text())["received_signal"] == "SIGTERM"
 
 
 def test_a_hook_that_sleeps_in_end_is_interrupted(tmp_path, hooks):
@@ -233,6 +337,26 @@ def test_a_signal_is_passed_on_while_the_reader_of_stdout_stalls(tmp_path, pidfi
     assert_all_gone(read_pids(pidfile))
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64"), reason="reads the syscall number")
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_a_reader_that_stops_reading_cannot_hold_the_end(tmp_path, stream):
+    # Nobody reads stopstep's stdout (or stderr): once the tree is down, what is left to write,
+    # stopstep's own messages and a --report to that same stream give up in bounded time.
+    report = "/dev/fd/1" if stream == "stdout" else tmp_path / "r.json"
+    code = ("import sys, time\nfor i in range(1, 4000):\n"
+            f"    print('x' * 500 + f' step {{i}}', file=sys.{stream}, flush=True)\ntime.sleep(600)\n")
+    proc = start_stopstep("run", "--last-step", "100000", "--grace-period", "1", "--report", report, "--",
+                          sys.executable, "-c", code)
+    stuck = proc.stdout if stream == "stdout" else proc.stderr
+    other = proc.stderr if stream == "stdout" else proc.stdout
+    wait_until(lambda: _blocked_writing(proc.pid), "stopstep blocked in write()")
+    proc.send_signal(signal.SIGTERM)
+    other.read()  # the other stream is read to its end, which comes when stopstep exits
+    proc.wait(timeout=TIMEOUT)
+    stuck.close()
+    assert proc.returncode == 143
+
+
 def test_a_leftover_that_floods_output_after_the_command_exited_cannot_hold_stopstep():
     script = "(trap '' INT; exec yes flood) & echo step 1; exit 0"
     before = {p.pid for p in psutil.process_iter()}
@@ -266,6 +390,30 @@ def test_a_helper_outside_the_group_that_keeps_respawning_is_swept(tmp_path):
     assert result.returncode == 137, result.stderr.decode()
     assert_all_gone_pids = [int(p) for p in pids.read_text().split()]
     assert all(gone(pid) for pid in assert_all_gone_pids)
+
+
+def test_a_process_that_keeps_changing_its_pid_is_still_found(tmp_path):
+    # A helper that forks and exits every 2 ms: at any moment its one live process is new.
+    log = tmp_path / "hops"
+    hopper = textwrap.dedent(f"""
+        import os, time
+        if os.fork() == 0:
+            os.setsid()
+            for _ in range(20000):
+                if os.fork():
+                    os._exit(0)
+                with open({str(log)!r}, "a") as fh:
+                    fh.write(str(os.getpid()) + "\\n")
+                time.sleep(0.002)
+            os._exit(0)
+        print("step 1", flush=True)
+    """)
+    result = run_stopstep("run", "--last-step", "1000", "--grace-period", "1", "--", sys.executable, "-c", hopper)
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"outlived the command" in result.stderr
+    hops = log.read_text().split()
+    assert len(hops) < 5000, "still hopping long after stopstep ended"
+    assert all(gone(int(pid)) for pid in hops[-3:])
 
 
 def test_sigcont_follows_the_stop_signal_so_a_stopped_command_can_act_on_it(tmp_path, pidfile):
@@ -365,6 +513,25 @@ def test_a_command_that_exits_while_stopstep_waits_for_the_checkpoint_is_no_succ
     assert b"the command exited before a complete checkpoint at or past step 3 came" in err
 
 
+def test_a_stall_clock_rests_in_the_restart_delay(tmp_path):
+    result, report = run_with_report(tmp_path, "--last-step", "100", "--stall-timeout", "1", "--restart-delay", "2",
+                                     "--max-restarts", "1", "--", "sh", "-c", "echo step 1; exit 1")
+    assert result.returncode == 1  # both attempts crashed; no stall in the 2 s between them
+    assert report["reason"] == "process_exited" and len(report["attempts"]) == 2
+
+
+def test_a_command_that_cannot_start_still_writes_the_report(tmp_path):
+    result, report = run_with_report(tmp_path, "--last-step", "3", "--", "no-such-command-xyz")
+    assert result.returncode == 127
+    assert report["reason"] == "launch_failed" and report["exit_code"] == 127 and report["pid"] is None
+
+
+def test_the_commands_own_status_3_is_not_taken_for_require_target(tmp_path):
+    result = run_stopstep("run", "--last-step", "100", "--", "sh", "-c", "echo step 1; exit 3")
+    assert result.returncode == 3
+    assert b"--require-target" not in result.stderr
+
+
 def test_the_time_limit_holds_in_the_restart_delay(tmp_path):
     result, report = run_with_report(tmp_path, "--last-step", "100", "--time-limit", "2", "--restart-delay", "60",
                                      "--max-restarts", "2", "--", "sh", "-c", "echo step 1; exit 3")
@@ -377,24 +544,47 @@ def test_the_time_limit_holds_in_the_restart_delay(tmp_path):
 
 def test_the_python_api_leaves_its_host_as_it_found_it(tmp_path):
     code = textwrap.dedent(f"""
-        import ctypes, signal, subprocess, sys
+        import ctypes, gc, signal, subprocess, sys
         from stopstep_cli import Supervisor, StopAtStepHook
         libc = ctypes.CDLL(None)
         watched = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1,
-                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH)
-        before = [signal.getsignal(s) for s in watched]
+                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH, signal.SIGCONT)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2, signal.SIGTERM])
+        before = [signal.getsignal(s) for s in watched] + [signal.pthread_sigmask(signal.SIG_BLOCK, [])]
         other = subprocess.Popen(["sh", "-c", "sleep 0.5; exit 7"])
         report = Supervisor([sys.executable, {str(FAKE_TRAINER)!r}, "--rate", "20"],
                             target=StopAtStepHook(last_step=15)).run()
         assert report.reason == "target_reached", report
         flag = ctypes.c_int(-1)
         libc.prctl(37, ctypes.byref(flag), 0, 0, 0)  # PR_GET_CHILD_SUBREAPER
-        after = [signal.getsignal(s) for s in watched]
-        print("other", other.wait(), "subreaper", flag.value, "restored", before == after)
+        after = [signal.getsignal(s) for s in watched] + [signal.pthread_sigmask(signal.SIG_BLOCK, [])]
+        print("other", other.wait(), "subreaper", flag.value, "restored", before == after, "frozen",
+              gc.get_freeze_count())
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=TIMEOUT, env=_env(None))
     assert result.returncode == 0, result.stderr.decode()
-    assert result.stdout.decode().split()[-6:] == ["other", "7", "subreaper", "0", "restored", "True"]
+    assert result.stdout.decode().split()[-8:] == ["other", "7", "subreaper", "0", "restored", "True", "frozen", "0"]
+
+
+def test_the_python_api_from_another_thread_survives_a_hook_timeout():
+    code = textwrap.dedent(f"""
+        import sys, threading, time
+        from stopstep_cli import Supervisor, StopAtStepHook, SessionRunHook
+        class Slow(SessionRunHook):
+            def after_run(self, ctx, values):
+                time.sleep(3)
+        out = []
+        def supervise():
+            out.append(Supervisor([sys.executable, {str(FAKE_TRAINER)!r}, "--rate", "20"],
+                                  target=StopAtStepHook(last_step=1000), hooks=[Slow()], hook_timeout=1).run())
+        worker = threading.Thread(target=supervise)
+        worker.start()
+        worker.join()
+        print("exit", out[0].exit_code, out[0].reason)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=TIMEOUT, env=_env(None))
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.split()[-3:] == [b"exit", b"5", b"hook_error"]
 
 
 def test_an_inherited_ignored_sighup_stays_ignored(tmp_path):
@@ -413,11 +603,14 @@ def test_an_inherited_ignored_sighup_stays_ignored(tmp_path):
 def test_the_report_through_a_symlink_keeps_the_link(tmp_path):
     real = tmp_path / "reports" / "run.json"
     real.parent.mkdir()
+    real.write_text("{}")
+    real.chmod(0o600)
     link = tmp_path / "latest.json"
     link.symlink_to(real)
     result = run_stopstep("run", "--last-step", "2", "--report", link, "--", *trainer("--rate", "50"))
     assert result.returncode == 0
     assert link.is_symlink() and json.loads(real.read_text())["reason"] == "target_reached"
+    assert real.stat().st_mode & 0o777 == 0o600  # the file it replaced kept its mode
 
 
 def test_the_report_to_a_descriptor_is_written_in_place(tmp_path):

@@ -52,6 +52,9 @@ class FakeTree:
     def poll_exit(self):
         return None if self.command in self.alive else 130
 
+    def quiet(self, now):
+        return True
+
 
 def advance_while(sequence, clock, stage):
     """Drive the sequence while it is in ``stage``; the clock time at which it left it."""

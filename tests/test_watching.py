@@ -12,7 +12,6 @@ import sys
 import textwrap
 
 import pytest
-
 from helpers import (
     STOPSTEP,
     TIMEOUT,

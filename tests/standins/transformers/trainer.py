@@ -6,7 +6,13 @@ import json
 import os
 from collections import namedtuple
 
-from .trainer_callback import CallbackHandler, DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState  # noqa: F401
+from .trainer_callback import (  # noqa: F401
+    CallbackHandler,
+    DefaultFlowCallback,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+)
 
 TrainOutput = namedtuple("TrainOutput", ["global_step", "training_loss", "metrics"])
 
