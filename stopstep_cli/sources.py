@@ -429,6 +429,10 @@ class LogFileSource(_Watched):
                 return out
             self._offset += n
             out += self._scanner.feed(self._buf, n)
+            if self._scanner.notes:
+                for note in self._scanner.notes:
+                    self.debug(f"{self.name}: {note}")
+                self._scanner.notes.clear()
         self.next_due = time.monotonic()  # more to read: come back on the next turn
         return out
 
