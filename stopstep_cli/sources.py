@@ -431,7 +431,7 @@ class LogFileSource(_Watched):
             out += self._scanner.feed(self._buf, n)
             if self._scanner.notes:
                 for note in self._scanner.notes:
-                    self.debug(f"{self.name}: {note}")
+                    self.debug(note)
                 self._scanner.notes.clear()
         self.next_due = time.monotonic()  # more to read: come back on the next turn
         return out

@@ -308,7 +308,7 @@ class Supervisor:
         self._observe(self.pump.scan(stream, n))  # the stop signal goes out before the read is written
         if stream.scanner.notes:  # e.g. a number too long to be a step, once
             for note in stream.scanner.notes:
-                self.console.debug(f"{stream.name}: {note}")
+                self.console.debug(note)
             stream.scanner.notes.clear()
         try:
             self.pump.write_out(stream, n)
