@@ -351,6 +351,48 @@ def cpu_overhead(seconds: float, runs: int, bare: bool = False):
     return per_minute
 
 
+def polling_cpu(tmp: Path, files: int, seconds: float, variant: Variant = HERE) -> float:
+    """CPU stopstep uses with --poll 0.2 on a checkpoint directory of ``files`` entries while
+    a trainer saves a checkpoint every second: a percentage of one core."""
+    big = tmp / "polled"
+    shutil.rmtree(big, ignore_errors=True)
+    big.mkdir()
+    for i in range(files):
+        (big / f"events.{i}.txt").touch()
+    command = trainer("--rate", 20, "--steps", 10 ** 6, "--format", "x", "--checkpoint-dir", big, "--layout", "hf",
+                      "--save-every", 20)
+    proc = subprocess.Popen(variant.argv + ["run", "-q", "--last-step", str(10 ** 6), "--checkpoint-dir", str(big),
+                                            "--poll", "0.2", "--", *command],
+                            env=variant.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(3.0)  # past start-up and the first full listing
+    used, began = _cpu_ns(proc.pid), time.monotonic()
+    time.sleep(seconds)
+    used, took = _cpu_ns(proc.pid) - used, time.monotonic() - began
+    proc.terminate()
+    proc.wait()
+    shutil.rmtree(big, ignore_errors=True)
+    share = used / 1e9 / took * 100.0
+    print(f"  --poll 0.2 on {files} entries ({variant.name}): {share:.1f}% of a core", flush=True)
+    return share
+
+
+PATHOLOGICAL_LINE = (
+    "import sys, time\nn = int(sys.argv[1])\n"
+    "sys.stdout.write('step 1 loss' + ' ' * n + 'n/a'); sys.stdout.flush()\n"  # print() writes the text...
+    "sys.stdout.write('\\n'); sys.stdout.flush()\n"  # ...and its newline separately
+)
+
+
+def pathological_line(spaces: int, variant: Variant = HERE) -> float:
+    """Seconds to pass one 'step 1 loss' + spaces + 'n/a' line whose newline comes in a write of its own."""
+    start = time.perf_counter()
+    subprocess.run(variant.argv + ["run", "-q", "--last-step", "1000", "--", sys.executable, "-c", PATHOLOGICAL_LINE,
+                                   str(spaces)], env=variant.env, stdout=subprocess.DEVNULL, timeout=600)
+    took = time.perf_counter() - start
+    print(f"  a line of {spaces:,} spaces ({variant.name}): {took:.2f} s", flush=True)
+    return took
+
+
 IDLE_WITH_AN_OPEN_LINE = (
     "import sys, time\nprint('step 1', flush=True)\nsys.stdout.write('partial'); sys.stdout.flush()\n"
     "time.sleep(600)\n"
@@ -479,12 +521,21 @@ def write_markdown(path: Path, quick: bool, lat, thr, scan_mem, cpu, start, scal
     for kind, bare, ours, ratio, target, peak in thr:
         tgt = f"<= {target}: {ok(ratio, target, below=False)}" if target else "(reported)"
         lines.append(f"| {kind} | {bare:.3f} | {ours:.3f} | {ratio:.2f} | {tgt} | {peak:.1f}: {ok(peak, 30.0)} |")
-    scan, scan_peak = scan_mem
+    scan, scan_peak, polled, line_cost = scan_mem
     bare_ms, added, added_cli = start
     lines += [
         "",
         f"A checkpoint directory of {SCAN_FILES[quick]:,} entries: start-up scan and watch take {scan:.3f} s "
         f"(target < 1 s: {ok(scan, 1.0)}), peak RSS {scan_peak:.1f} MB (target < 30: {ok(scan_peak, 30.0)}).",
+        "",
+        f"Polling it: `--poll 0.2` on {SCAN_FILES[quick]:,} entries while a trainer saves a checkpoint every second "
+        f"uses {polled[0]:.1f}% of a core (target < 5%: {ok(polled[0], 5.0)})"
+        + (f"; {polled[1]:.1f}% for {baseline.name}" if polled[1] is not None else "") + ".",
+        "",
+        f"A pathological line: `step 1 loss` + {line_cost[0]:,} spaces + `n/a`, its newline written separately "
+        f"(as `print` does unbuffered), passes in {line_cost[1]:.2f} s"
+        + (f"; {baseline.name} took {line_cost[3]:.1f} s for {line_cost[2]:,} spaces" if line_cost[3] is not None
+           else "") + ".",
         "",
         "## Overhead",
         "",
@@ -574,7 +625,14 @@ def main() -> int:
         print("throughput", flush=True)
         thr = throughput_table(tmp, (256 if quick else 1024) << 20, 2 if quick else 5, baseline)
         print("memory with a large checkpoint directory", flush=True)
-        scan_mem = checkpoint_dir_memory(tmp, SCAN_FILES[quick])
+        scan = checkpoint_dir_memory(tmp, SCAN_FILES[quick])
+        print("polling and a pathological line", flush=True)
+        polled = (polling_cpu(tmp, SCAN_FILES[quick], 3 if quick else 6),
+                  polling_cpu(tmp, SCAN_FILES[quick], 3 if quick else 6, baseline) if baseline else None)
+        spaces = 60_000
+        line_cost = (spaces, pathological_line(spaces), 15_000,
+                     pathological_line(15_000, baseline) if baseline and not quick else None)
+        scan_mem = (*scan, polled, line_cost)
         print("overhead", flush=True)
         cpu = (cpu_overhead(5 if quick else 15, 1 if quick else 3),
                cpu_overhead(5 if quick else 15, 1 if quick else 3, bare=True),
