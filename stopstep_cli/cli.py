@@ -122,6 +122,9 @@ def cli() -> None:
               help="A constructor argument for the --hook classes that take it. Repeatable.")
 @click.option("--hook-timeout", type=_Seconds(DAY, above_zero=True), default=60.0, show_default=True,
               metavar="SECONDS", help="A hook call that has not returned after this long is a failed hook (exit 5).")
+@click.option("--cooperative/--no-cooperative", default=True, show_default=True, envvar="STOPSTEP_COOPERATIVE",
+              help="Let the command's Python processes stop themselves at the target (Transformers, Lightning, "
+                   "Keras, or stopstep_cli.beacon) before any signal. [env: STOPSTEP_COOPERATIVE]")
 @click.option("--subreaper/--no-subreaper", default=True, show_default=True,
               help="Adopt and reap orphaned descendants (always on as PID 1).")
 @click.option("--tty", type=click.Choice(("auto", "always", "never")), default="auto", show_default=True,
@@ -193,6 +196,7 @@ def run(**opts) -> int:
         progress=_progress(opts),
         hook_timeout=opts["hook_timeout"],
         guardian=True,
+        cooperative=opts["cooperative"],
         on_report=lambda report: _publish(report, opts["report_path"], console),
         # a hook will not come back; the tree is down and the report written: end here
         on_abandon=lambda report: _exit_now(report.exit_code, console),

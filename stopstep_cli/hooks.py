@@ -221,6 +221,12 @@ class StopAtStepHook(SessionRunHook):
         if self._last_step is None:
             self._last_step = (session.global_step or 0) + self._num_steps
 
+    def target_from(self, start_step: Optional[int]) -> Optional[int]:
+        """The absolute target this hook will have once anchored at ``start_step``."""
+        if self._last_step is not None:
+            return self._last_step
+        return (start_step or 0) + self._num_steps
+
     def reanchor(self, start_step: Optional[int]) -> None:
         """stopstep's extension: the step the first session started at was misread (a
         checkpoint of an earlier run looked like the resume point); count ``num_steps``

@@ -26,6 +26,7 @@ class RunReport:
         ("child_returncode", None),  # Popen-style: -n when killed by signal n
         ("stop_signal", None),  # the signal stopstep sent to stop the tree, if any
         ("received_signal", None),  # the signal that stopped stopstep, if any
+        ("stop_mode", None),  # "cooperative" (it stopped itself when asked), "signal", null: ended by itself
         ("killed", False),  # SIGKILL was needed after the grace period
         ("duration_s", 0.0),
         ("steps_per_s", None),

@@ -70,6 +70,8 @@ class StopSequence:
         self.stage = Stage.IDLE
         self.signal_sent: Optional[int] = None  # the signal that started the grace period
         self.killed = False  # SIGKILL was needed
+        self.began_cooperatively = False  # it opened with a cooperative window
+        self._then_signal: Optional[int] = None  # the signal after that window, if not the stop signal
         self.started_at: Optional[float] = None
         self._deadline = 0.0  # end of the cooperative window, the grace period, or the sweeps
         self._next_check = 0.0
@@ -79,11 +81,14 @@ class StopSequence:
 
     # -- starting ---------------------------------------------------------------
 
-    def begin(self, cooperative_window: Optional[float] = None, already_sent: Optional[int] = None) -> bool:
+    def begin(self, cooperative_window: Optional[float] = None, already_sent: Optional[int] = None,
+              then_signal: Optional[int] = None) -> bool:
         """Start bringing the tree down, unless that already started; True if this call started it.
 
         ``already_sent``: the caller passed this signal on itself (a signal stopstep
-        received), so only SIGCONT and the grace period follow.
+        received), so only SIGCONT and the grace period follow. ``cooperative_window``:
+        the command was asked to stop itself; the signal (``then_signal``, else the stop
+        signal) comes only if it has not exited by the end of the window.
         """
         with self._lock:
             if self.stage is not Stage.IDLE:
@@ -92,6 +97,8 @@ class StopSequence:
             self.started_at = now
             if cooperative_window is not None and already_sent is None:
                 self.stage = Stage.COOPERATIVE
+                self.began_cooperatively = True
+                self._then_signal = then_signal
                 self._deadline = now + cooperative_window
                 self._schedule(now, reset=True)
             else:
@@ -112,8 +119,9 @@ class StopSequence:
 
     def _signal(self, now: float, already_sent: Optional[int]) -> None:
         if already_sent is None:
-            self.tree.signal_group(self.stop_signal)
-            self.signal_sent = self.stop_signal
+            signum = signal.Signals(self._then_signal or self.stop_signal)
+            self.tree.signal_group(signum)
+            self.signal_sent = signum
         else:
             self.signal_sent = already_sent
         self.tree.signal_group(signal.SIGCONT)  # a stopped process must be able to act on it
@@ -154,7 +162,7 @@ class StopSequence:
                 self._tell_leftovers(members)
             if self.stage is Stage.COOPERATIVE and now >= self._deadline:
                 self.notify(f"the command did not stop itself within {self.grace_period:g}s; "
-                            f"sending {self.stop_signal.name}")
+                            f"sending {signal.Signals(self._then_signal or self.stop_signal).name}")
                 self._signal(now, None)
                 return self._next_check
             if self.stage is Stage.SIGNALLED and now >= self._deadline:

@@ -16,6 +16,7 @@ decided from the facts by :func:`~stopstep_cli.outcome.conclude`.
 from __future__ import annotations
 
 import gc
+import math
 import os
 import select
 import signal
@@ -55,11 +56,14 @@ from .sentinel import (
 from .signals import FORWARDED_SIGNALS, all_catchable_signals
 from .sources import SourceSet
 from .steps import StepLedger
+from .channel import InProcessChannel
 from .stop_sequence import Stage, StopSequence
 from .terminal import Foreground, TerminalSignals, is_terminal, wants_pty
 
 #: How long the pipes may take to give up what they still hold once the tree is down.
 DRAIN_LIMIT = 3.0
+#: A stop decided while running is announced this much training time ahead (at least a step).
+STOP_AHEAD_SECONDS = 0.25
 
 
 class StopCause(NamedTuple):
@@ -84,7 +88,9 @@ class Supervisor:
     is called at the end of every run (writes in it are bounded in time);
     ``on_abandon(report)`` after it when a hook never returned and the run ended
     without it (the command line exits there; without it, :meth:`run` waits for
-    the hook).
+    the hook). ``cooperative`` gives the command's Python processes stopstep's
+    in-process side, so that a framework (or the beacon) stops itself at the
+    target, or at a stop step announced ahead, before any signal is sent.
     :meth:`run` returns a :class:`RunReport`; its ``exit_code`` is stopstep's status.
     """
 
@@ -112,6 +118,7 @@ class Supervisor:
         guardian: bool = False,
         on_report: Optional[Callable[[RunReport], None]] = None,
         on_abandon: Optional[Callable[[RunReport], None]] = None,
+        cooperative: bool = False,
     ):
         self.argv = list(argv)
         self.target = target
@@ -130,6 +137,8 @@ class Supervisor:
         self.tty, self.foreground_wanted = tty, foreground
         self.progress = progress
         self.hook_timeout = float(hook_timeout)
+        self.cooperative = cooperative
+        self.inprocess: Optional[InProcessChannel] = None  # the channel to the command's Python processes
         self.on_report = on_report  # publish the report while the stop path still bounds writes
         self.on_abandon = on_abandon  # the main thread is lost in a hook: what to do after the report
 
@@ -167,6 +176,13 @@ class Supervisor:
                                   check_interval=min(1.0, self.hook_timeout / 4), write_limit=DRAIN_LIMIT)
         self._sentinel.on_abandon = self._abandon if self.on_abandon is not None else None
         self._poller.register(self._sentinel.loop_waker.fileno(), select.POLLIN)
+        self._sentinel.cooperative = self._stop_cooperatively_on
+        if self.cooperative:
+            try:
+                self.inprocess = InProcessChannel()
+                self._poller.register(self.inprocess.fileno(), select.POLLIN)
+            except OSError as exc:  # no private socket here: the outside view is all there is
+                self.console.info(f"no in-process channel ({exc.strerror or exc}); stopping with signals only")
         self.console.before_write = self.pump.before_message
         self.console.guard = lambda: self._sentinel.guard("writing stopstep's messages", float("inf"), kind="write")
         try:
@@ -201,8 +217,11 @@ class Supervisor:
         foreground = self._foreground if self._foreground is not None and self._foreground.active else None
         # stopstep's children that are not the tree's: its host's own (API), the guardian
         foreign = self.tree.foreign if self.tree is not None else frozenset(own_children() if self.subreaper else ())
+        env = self.env
+        if self.inprocess is not None:  # the command's Python processes get the in-process side
+            env = dict(env, **self.inprocess.environment(self._target_for(self.session.start_step), env))
         try:
-            tree = ProcessTree(self.argv, self.env, self.stop_signal,
+            tree = ProcessTree(self.argv, env, self.stop_signal,
                                adopts_orphans=self.subreaper or os.getpid() == 1, foreign=foreign)
         except StopstepError as exc:  # an empty command name
             self.console.error(f"error: {exc}")
@@ -284,6 +303,8 @@ class Supervisor:
             elif self.tree is not None and fd == self.tree.pidfd:
                 self._poller.unregister(fd)
                 self._on_command_exit()
+            elif self.inprocess is not None and fd == self.inprocess.fileno():
+                self._on_inprocess()
         for name in self.timers.pop_due(time.monotonic()):
             self._on_timer(name)
         if self.phase is Phase.STOPPING and self.sequence.finished:
@@ -364,7 +385,11 @@ class Supervisor:
             self.console.info(f"received {name}; ending the run")
             self._enter(Phase.DONE)
             return
-        if how == "forced":
+        if how == "cooperative":
+            stop_at = self._announce_stop(outcome.SIGNAL)
+            self.console.info(f"received {name}; asked the training to stop itself after step {stop_at}; "
+                              f"{name} follows in {self.grace_period:g}s if it has not exited")
+        elif how == "forced":
             self.console.info("Ctrl-C again: killing the tree now")
         elif how.startswith("again") or self.phase in (Phase.DRAINING, Phase.DONE):
             self.console.debug(f"passed {name} on; the grace period is not restarted")
@@ -390,9 +415,9 @@ class Supervisor:
         elif name == "sources":
             self._observe(self.sources.due(now))
         elif name == "checkpoint_wait" and self.phase is Phase.WAITING_FOR_CHECKPOINT:
+            done = self._stop_tree()
             self._pending.append(f"no complete checkpoint at or past step {self.report.target_step} "
-                                 f"within {self.grace_period:g}s; stopping anyway")
-            self._stop_tree()
+                                 f"within {self.grace_period:g}s; stopping anyway: {done}")
         elif name == "restart" and self.phase is Phase.RESTART_DELAY:
             self._enter(Phase.STARTING)
         elif name == "progress" and self.progress is not None:
@@ -416,9 +441,24 @@ class Supervisor:
 
     # -- the command's exit, the end of an attempt, restarts ----------------------------------
 
+    def _on_inprocess(self) -> None:
+        """What the command's Python processes sent: steps (through the hooks like any), hellos."""
+        for message in self.inprocess.receive():
+            if message["t"] == "hello":
+                self.console.debug(f"in-process: {message.get('fw')} engaged in pid {message.get('pid')} "
+                                   f"(rank {message.get('rank', 0)}), starting at step {message.get('step')}")
+            elif message["t"] == "stopping":
+                self.console.debug(f"in-process: pid {message.get('pid')} stops itself after step "
+                                   f"{message.get('step')}")
+            obs = self.inprocess.to_observation(message)
+            if obs is not None:
+                self._observe_one(obs)
+
     def _on_command_exit(self) -> None:
-        # Output written before the exit is already in the pipes: read it first,
-        # so a last step line counts before the exit does.
+        # Output written before the exit is already in the pipes (and the channel): read it
+        # first, so a last step counts before the exit does.
+        if self.inprocess is not None:
+            self._on_inprocess()
         self.pump.drain(time.monotonic() + DRAIN_LIMIT, self._on_read)
         self.report.child_returncode = self.tree.poll_exit()
         self.timers.clear("child_check")
@@ -492,8 +532,7 @@ class Supervisor:
             self._check_start(obs)
         if (obs.is_checkpoint and self.phase is Phase.WAITING_FOR_CHECKPOINT
                 and obs.step >= (self.report.target_step or 0)):
-            self._pending.append(f"checkpoint for step {obs.step} is complete")
-            self._stop_tree()
+            self._pending.append(f"checkpoint for step {obs.step} is complete; {self._stop_tree()}")
         if not self.steps.record(obs) or self.cause is not None:
             return
         session, report = self.session, self.report
@@ -567,8 +606,7 @@ class Supervisor:
             self._pending.append(f"step {obs.step if obs else self.steps.global_step} reached (target {target}); "
                                  f"waiting up to {self.grace_period:g}s for a complete checkpoint at or past it")
             return
-        self._stop_tree()
-        sent = f"sent {self.stop_signal.name} to the command's process group"
+        sent = self._stop_tree()
         if reason != outcome.TARGET_REACHED or obs is None:
             self._pending.append(f"{message or 'stopping: ' + reason}; {sent}")
         elif self.report.observations == 1 and target is not None and obs.step > target:
@@ -576,13 +614,53 @@ class Supervisor:
         else:
             self._pending.append(f"step {obs.step} reached (target {target}); {sent}")
 
-    def _stop_tree(self) -> None:
-        """The stop signal to the group, now (on this thread); the sentinel times the rest."""
+    def _stop_tree(self) -> str:
+        """Stop the command: cooperatively when its Python side engaged (it stops itself at
+        the target, or at a step announced ahead; the signal path follows after the grace
+        period if it has not exited), else the stop signal to the group, now (on this
+        thread). The sentinel times the rest."""
         self.timers.clear("checkpoint_wait")
-        self.sequence.begin()
-        self._stopped_with = self.sequence.signal_sent
+        if self._cooperative_now():
+            self.sequence.begin(cooperative_window=self.grace_period)
+            done = "the training stops itself there"
+            if self.cause.reason != outcome.TARGET_REACHED:
+                done = f"asked the training to stop itself after step {self._announce_stop(self.cause.reason)}"
+            done += f"; {self.stop_signal.name} follows in {self.grace_period:g}s if it has not exited"
+        else:
+            self.sequence.begin()
+            self._stopped_with = self.sequence.signal_sent
+            done = f"sent {self.stop_signal.name} to the command's process group"
         self._sentinel.wake()
         self._enter(Phase.STOPPING)
+        return done
+
+    def _cooperative_now(self) -> bool:
+        return self.inprocess is not None and self.inprocess.engaged and self.sequence is not None
+
+    def _stop_cooperatively_on(self, signum: int) -> bool:
+        """On the sentinel's thread: a SIGTERM (docker stop, a preempting scheduler) becomes a
+        cooperative stop when the command's Python side engaged: it saves at the next step
+        and exits; the signal follows after the grace period if it has not."""
+        if signum != signal.SIGTERM or not self._cooperative_now():
+            return False
+        return self.sequence.begin(cooperative_window=self.grace_period, then_signal=signum)
+
+    def _announce_stop(self, reason: str) -> int:
+        """A stop decided while running: every process stops after the same step, announced
+        ahead of the highest seen so that no rank has passed it when the word reaches it."""
+        highest = self.steps.global_step or 0
+        rate = self.steps.steps_per_s() or 0.0
+        ranks = len({s.rank for s in self.inprocess.senders.values()}) if self.inprocess else 1
+        margin = max(2 if ranks > 1 else 1, math.ceil(rate * STOP_AHEAD_SECONDS))
+        stop_at = highest + margin
+        self.inprocess.announce_stop(stop_at, reason)
+        return stop_at
+
+    def _target_for(self, start: Optional[int]) -> Optional[int]:
+        """The absolute target a process started at ``start`` has (for its in-process side)."""
+        if self.target is None:
+            return None
+        return self.target.last_step if self.target.last_step is not None else self.target.target_from(start)
 
     def _sentinel_says(self, text: str) -> None:
         """The stop sequence's words, from the sentinel's thread: printed by the loop."""
@@ -630,6 +708,8 @@ class Supervisor:
             if self.target.last_step != self.report.target_step:
                 self.report.target_step = self.target.last_step
                 line += f"; --num-steps counts from there: target {self.target.last_step}"
+                if self.inprocess is not None:
+                    self.inprocess.announce_target(self.target.last_step)
         self._pending.append(line)
 
     # -- messages and terminals --------------------------------------------------------------------
@@ -659,7 +739,18 @@ class Supervisor:
             duration_s=report.duration_s,
             steps_per_s=report.steps_per_s,
             stop_signal=self._stopped_with,
+            stop_mode=self._stop_mode(cause),
         )
+
+    def _stop_mode(self, cause: Optional[StopCause]) -> Optional[str]:
+        """How stopstep stopped the command: "cooperative" (it stopped itself when asked),
+        "signal", or None when the command ended by itself."""
+        sequence = self.sequence
+        if cause is None or cause.reason == outcome.LAUNCH_FAILED or sequence is None:
+            return None
+        if sequence.began_cooperatively and not sequence.signal_sent:
+            return "cooperative"
+        return "signal" if sequence.signal_sent else None
 
     def _finish(self) -> None:
         self._sentinel.wind_down()  # from here on, a write that blocks has write_limit seconds
@@ -684,6 +775,7 @@ class Supervisor:
         report.reason, report.exit_code = result.reason, result.exit_code
         report.killed = facts.killed
         report.stop_signal = outcome.signal_name(facts.stop_signal)
+        report.stop_mode = facts.stop_mode
         report.received_signal = outcome.signal_name(facts.received_signal)
         if self.progress is not None:
             self.progress.clear()
@@ -720,6 +812,8 @@ class Supervisor:
     def _tidy_up(self) -> None:
         self.console.guard = None  # the sentinel is going
         self.pump.close_all()
+        if self.inprocess is not None:
+            self.inprocess.close()
         self.sources.close()
         if self._foreground is not None:
             self._foreground.restore()
