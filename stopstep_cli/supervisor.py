@@ -160,7 +160,7 @@ class Supervisor:
         self._pending: List[str] = []  # our messages, held until the read that caused them is written
         self._start_checked = False  # the command's own first step was compared with the resume point
         self._listener: Optional[TerminalSignals] = None
-        self._stopped_with: Optional[int] = None  # the signal that started the grace period of a stop we made
+        self._stopping: Optional[StopSequence] = None  # the sequence of a stop stopstep made (not a clean-up)
         self._froze_gc = False
         self._started = self._attempt_started = 0.0
 
@@ -386,6 +386,7 @@ class Supervisor:
             self._enter(Phase.DONE)
             return
         if how == "cooperative":
+            self._stopping = self.sequence
             stop_at = self._announce_stop(outcome.SIGNAL)
             self.console.info(f"received {name}; asked the training to stop itself after step {stop_at}; "
                               f"{name} follows in {self.grace_period:g}s if it has not exited")
@@ -402,7 +403,7 @@ class Supervisor:
             if self.sequence.stage is Stage.IDLE:  # it came before the sentinel knew this tree
                 self.sequence.begin()
                 self._sentinel.wake()
-            self._stopped_with = self.sequence.signal_sent
+            self._stopping = self.sequence
             self._enter(Phase.STOPPING)
 
     def _on_timer(self, name: str) -> None:
@@ -620,6 +621,7 @@ class Supervisor:
         period if it has not exited), else the stop signal to the group, now (on this
         thread). The sentinel times the rest."""
         self.timers.clear("checkpoint_wait")
+        self._stopping = self.sequence
         if self._cooperative_now():
             self.sequence.begin(cooperative_window=self.grace_period)
             done = "the training stops itself there"
@@ -628,7 +630,6 @@ class Supervisor:
             done += f"; {self.stop_signal.name} follows in {self.grace_period:g}s if it has not exited"
         else:
             self.sequence.begin()
-            self._stopped_with = self.sequence.signal_sent
             done = f"sent {self.stop_signal.name} to the command's process group"
         self._sentinel.wake()
         self._enter(Phase.STOPPING)
@@ -738,7 +739,7 @@ class Supervisor:
             last_step_seen=report.last_step_seen,
             duration_s=report.duration_s,
             steps_per_s=report.steps_per_s,
-            stop_signal=self._stopped_with,
+            stop_signal=self._stopping.signal_sent if self._stopping is not None else None,
             stop_mode=self._stop_mode(cause),
         )
 

@@ -1,0 +1,213 @@
+"""The cooperative stop through the real CLI: the command's Python processes stop
+themselves (stand-in frameworks, the beacon), the signal path as the fallback,
+and every dynamic stop announced ahead so that ranks agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT, TIMEOUT, run_with_report, start_stopstep, wait_for_output
+
+STANDINS = Path(__file__).resolve().parent / "standins"
+WITH_STANDINS = {"PYTHONPATH": f"{STANDINS}{os.pathsep}{ROOT}"}
+
+
+def python(code: str):
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+HF = """
+    import sys, time
+    from transformers import Trainer, TrainingArguments
+    def model(step):
+        time.sleep(0.01)
+        return 1.0 / (1 + step)
+    args = TrainingArguments(output_dir=sys.argv[1], max_steps=1000, logging_steps=5, save_steps=500)
+    out = Trainer(model=model, args=args).train()
+    print("train returned at", out.global_step, flush=True)
+"""
+
+BEACON = """
+    import math, sys, time
+    from stopstep_cli import beacon
+    pace = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
+    nan_at = int(sys.argv[2]) if len(sys.argv) > 2 else -1
+    hang_at = int(sys.argv[3]) if len(sys.argv) > 3 else -1
+    step = 0
+    while True:
+        step += 1
+        if pace:
+            time.sleep(pace)
+        if step == hang_at:
+            time.sleep(600)
+        loss = math.nan if step >= nan_at > 0 else 1.0 / step
+        if beacon.step(step, loss=loss):
+            print("stopped itself after", step, flush=True)
+            break
+"""
+
+
+def test_a_framework_stops_itself_at_exactly_the_target_and_saves(tmp_path):
+    out = tmp_path / "out"
+    result, report = run_with_report(tmp_path, "--last-step", "37", "--", *python(HF), out, env=WITH_STANDINS)
+    err = result.stderr.decode()
+    assert result.returncode == 0, err
+    assert b"train returned at 37" in result.stdout
+    assert json.loads((out / "checkpoint-37" / "trainer_state.json").read_text())["global_step"] == 37
+    assert report["stop_mode"] == "cooperative" and report["stop_signal"] is None
+    assert report["reason"] == "target_reached" and report["child_returncode"] == 0
+    assert "Traceback" not in err and "command stopped itself" in err
+
+
+def test_the_beacon_stops_at_exactly_the_target_at_any_rate(tmp_path):
+    result, report = run_with_report(tmp_path, "--last-step", "50000", "--", *python(BEACON))
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == b"stopped itself after 50000\n"
+    assert report["stop_mode"] == "cooperative"
+
+
+@pytest.mark.parametrize("options,args,status,reason", [
+    (["--stop-on-nan"], ["0.01", "20"], 4, "nan_loss"),
+    (["--time-limit", "1"], ["0.01"], 124, "time_limit"),
+])
+def test_a_stop_decided_while_running_is_announced_and_kept(tmp_path, options, args, status, reason):
+    result, report = run_with_report(tmp_path, "--last-step", "100000", *options, "--", *python(BEACON), *args)
+    err = result.stderr.decode()
+    assert result.returncode == status, err
+    assert report["reason"] == reason and report["stop_mode"] == "cooperative"
+    stopped = int(result.stdout.split()[-1])
+    assert f"asked the training to stop itself after step {stopped}" in err  # the step announced is the step kept
+
+
+def test_sigterm_becomes_a_save_at_the_next_step(tmp_path):
+    out, report_path = tmp_path / "out", tmp_path / "r.json"
+    proc = start_stopstep("run", "-v", "--last-step", "100000", "--report", report_path, "--", *python(HF), out,
+                          env=WITH_STANDINS)
+    wait_for_output(proc.stderr, b"in-process: hf engaged")
+    proc.send_signal(signal.SIGTERM)  # docker stop, a preempting scheduler
+    stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    report = json.loads(report_path.read_text())
+    assert proc.returncode == 143, stderr.decode()
+    assert report["received_signal"] == "SIGTERM" and report["stop_mode"] == "cooperative"
+    step = int(stdout.split()[-1])  # "train returned at N": it returned normally
+    assert json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["global_step"] == step
+    assert b"Traceback" not in stderr
+
+
+def test_a_command_that_does_not_stop_itself_gets_the_signal_after_the_grace_period(tmp_path):
+    ignores = """
+        import time
+        from stopstep_cli import beacon
+        step = 0
+        while True:
+            step += 1
+            time.sleep(0.01)
+            beacon.step(step)  # asked to stop, and going on anyway
+    """
+    result, report = run_with_report(tmp_path, "--last-step", "20", "--grace-period", "1", "--", *python(ignores))
+    assert result.returncode == 0, result.stderr.decode()
+    assert report["stop_mode"] == "signal" and report["stop_signal"] == "SIGINT"
+    assert b"did not stop itself within 1s; sending SIGINT" in result.stderr
+
+
+def test_a_stall_with_no_step_to_stop_at_falls_back_to_the_signal(tmp_path):
+    result, report = run_with_report(tmp_path, "--last-step", "100000", "--stall-timeout", "1", "--grace-period", "1",
+                                     "--", *python(BEACON), "0.01", "-1", "10")
+    assert result.returncode == 124, result.stderr.decode()
+    assert report["reason"] == "stalled" and report["stop_mode"] == "signal"
+
+
+def test_without_cooperation_the_signal_path_as_before(tmp_path):
+    prints = """
+        import time
+        from stopstep_cli import beacon
+        for step in range(1, 1000):
+            time.sleep(0.01)
+            print("step", step, flush=True)
+            if beacon.step(step):
+                print("stopped itself", flush=True)
+                break
+    """
+    for how, env in ((["--no-cooperative"], {}), ([], {"STOPSTEP_COOPERATIVE": "0"})):
+        result, report = run_with_report(tmp_path, "--last-step", "10", *how, "--", *python(prints), env=env)
+        assert report["stop_mode"] == "signal" and report["stop_signal"] == "SIGINT", result.stderr.decode()
+        assert b"stopped itself" not in result.stdout and b"KeyboardInterrupt" in result.stderr
+
+
+def test_a_command_that_is_not_python_is_stopped_with_signals(tmp_path):
+    result, report = run_with_report(tmp_path, "--last-step", "3", "--", "sh", "-c",
+                                     "for i in 1 2 3 4 5; do echo step $i; sleep 0.1; done; sleep 60")
+    assert result.returncode == 0
+    assert report["stop_mode"] == "signal"
+
+
+def test_an_existing_sitecustomize_still_runs(tmp_path):
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "sitecustomize.py").write_text("print('their sitecustomize ran', flush=True)\n")
+    result, report = run_with_report(tmp_path, "--last-step", "30", "--", *python(BEACON),
+                                     env={"PYTHONPATH": f"{own}{os.pathsep}{ROOT}"})
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.startswith(b"their sitecustomize ran\n")
+    assert result.stdout.endswith(b"stopped itself after 30\n") and report["stop_mode"] == "cooperative"
+
+
+def test_a_launcher_that_closes_inherited_descriptors(tmp_path):
+    launcher = f"""
+        import os, sys
+        os.closerange(3, 4096)  # as torchrun, accelerate and deepspeed do
+        os.execv(sys.executable, [sys.executable, "-c", {textwrap.dedent(BEACON)!r}])
+    """
+    result, report = run_with_report(tmp_path, "--last-step", "25", "--", *python(launcher))
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == b"stopped itself after 25\n" and report["stop_mode"] == "cooperative"
+
+
+RANKS = """
+    import multiprocessing as mp, os, sys, time
+    def rank(r, barrier, out):
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(r), "2"
+        from stopstep_cli import beacon
+        step = 0
+        while True:
+            step += 1
+            time.sleep(0.01 * (1 + r))  # one rank slower: the barrier keeps them in step, like a collective
+            barrier.wait()
+            if beacon.step(step):
+                out.put((r, step))
+                return
+    if __name__ == "__main__":
+        ctx = mp.get_context("fork")
+        barrier, out = ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=rank, args=(r, barrier, out)) for r in (0, 1)]
+        for p in procs:
+            p.start()
+        stops = sorted(out.get(timeout=60) for _ in procs)
+        for p in procs:
+            p.join()
+        print("stopped after", " ".join(str(step) for _r, step in stops), flush=True)
+"""
+
+
+def test_two_ranks_agree_on_a_stop_decided_while_running(tmp_path):
+    result, report = run_with_report(tmp_path, "--last-step", "100000", "--time-limit", "1", "--", *python(RANKS))
+    err = result.stderr.decode()
+    assert result.returncode == 124, err
+    first, second = (int(word) for word in result.stdout.split()[-2:])
+    assert first == second, f"rank 0 stopped after {first}, rank 1 after {second}: the next collective would hang"
+    assert report["stop_mode"] == "cooperative"
+
+
+def test_the_beacon_outside_stopstep_does_nothing():
+    code = "from stopstep_cli import beacon; print(beacon.step(1), beacon.step(2, loss=0.5))"
+    outside = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=TIMEOUT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert outside.stdout == b"False False\n"
