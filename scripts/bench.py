@@ -393,6 +393,51 @@ def pathological_line(spaces: int, variant: Variant = HERE) -> float:
     return took
 
 
+BEACON_LOOP = (
+    "import sys, time\nfrom stopstep_cli import beacon\nrate = float(sys.argv[1])\n"
+    "interval, next_at, step = 1.0 / rate, time.perf_counter(), 0\n"
+    "while True:\n"
+    "    next_at += interval\n"
+    "    while time.perf_counter() < next_at:\n"  # a step that takes 1/rate, like a compute-bound one
+    "        pass\n"
+    "    step += 1\n"
+    "    if beacon.step(step, loss=1.0 / step):\n"
+    "        print(step, flush=True)\n"
+    "        break\n"
+)
+
+BEACON_COST = (
+    "import sys, time\nfrom stopstep_cli import beacon\nn = int(sys.argv[1])\n"
+    "start = time.perf_counter()\n"
+    "for step in range(1, n + 1):\n"
+    "    beacon.step(step, loss=0.5)\n"
+    "print((time.perf_counter() - start) / n * 1e6, flush=True)\n"
+)
+
+
+def cooperative_overshoot(rate: int, runs: int):
+    """Steps past the target when the loop stops itself (the beacon) at ``rate`` steps/s."""
+    target = rate // 4
+    over = []
+    for _ in range(runs):
+        out = subprocess.run(STOPSTEP + ["run", "-q", "--last-step", str(target), "--", sys.executable, "-c",
+                                         BEACON_LOOP, str(rate)], env=ENV, capture_output=True, timeout=120).stdout
+        over.append(int(out.split()[-1]) - target)
+    print(f"  cooperative overshoot at {rate}/s: median {statistics.median(over)} max {max(over)}", flush=True)
+    return statistics.median(over), max(over)
+
+
+def beacon_cost(calls: int):
+    """Microseconds per beacon.step call, under stopstep (the channel open) and outside it."""
+    inside = float(subprocess.run(STOPSTEP + ["run", "-q", "--last-step", str(10 ** 12), "--", sys.executable, "-c",
+                                              BEACON_COST, str(calls)], env=ENV, capture_output=True,
+                                  timeout=120).stdout.split()[-1])
+    outside = float(subprocess.run([sys.executable, "-c", BEACON_COST, str(calls)], env=ENV, capture_output=True,
+                                   timeout=120).stdout.split()[-1])
+    print(f"  beacon.step: {inside:.2f} us a call under stopstep, {outside:.2f} us outside", flush=True)
+    return inside, outside
+
+
 IDLE_WITH_AN_OPEN_LINE = (
     "import sys, time\nprint('step 1', flush=True)\nsys.stdout.write('partial'); sys.stdout.flush()\n"
     "time.sleep(600)\n"
@@ -467,7 +512,8 @@ def ok(value, target, below=True):
     return "yes" if (value < target if below else value <= target) else "**no**"
 
 
-def write_markdown(path: Path, quick: bool, lat, thr, scan_mem, cpu, start, scale, elapsed, baseline=None):
+def write_markdown(path: Path, quick: bool, lat, thr, scan_mem, cpu, start, scale, elapsed, baseline=None,
+                   coop=(0, 0, 0.0, 0.0)):
     lines = [
         "# stopstep benchmarks",
         "",
@@ -547,6 +593,13 @@ def write_markdown(path: Path, quick: bool, lat, thr, scan_mem, cpu, start, scal
         f"({bare_ms:.0f} ms): {added:.1f} ms with `python -m stopstep_cli`"
         + (f", {added_cli:.1f} ms with the `stopstep` console script" if added_cli is not None else "")
         + f" (target < 50 ms: {ok(added_cli if added_cli is not None else added, 50.0)}).",
+        "",
+        "## Cooperative stop",
+        "",
+        f"A loop that stops itself through `stopstep_cli.beacon` at 10,000 steps/s: overshoot median {coop[0]:g}, "
+        f"max {coop[1]} (target 0: {ok(coop[1], 0, below=False)}); the same stop from outside (stdout, above) is "
+        f"the signal path's. `beacon.step(step, loss=...)` costs {coop[2]:.2f} microseconds a call under stopstep "
+        f"(target < 20: {ok(coop[2], 20.0)}) and {coop[3]:.2f} outside it (it does nothing there).",
         "",
         "## Scale",
         "",
@@ -638,13 +691,15 @@ def main() -> int:
                cpu_overhead(5 if quick else 15, 1 if quick else 3, bare=True),
                idle_cpu_with_an_open_line(3 if quick else 10))
         start = startup_overhead(6 if quick else 20)
+        print("cooperative stop", flush=True)
+        coop = (*cooperative_overshoot(10000, 3 if quick else 10), *beacon_cost(100_000 if quick else 500_000))
         print("scale", flush=True)
         samples = [s for s in (stop_once(tmp, "stdout", 100, agent=8) for _ in range(3 if quick else 10)) if s]
         scale = (100, statistics.median(s[0] for s in samples), percentile([s[0] for s in samples], 99),
                  statistics.median(s[2] for s in samples))
         print(f"  64 processes: p50 {scale[1]:.3f} ms, down in {scale[3]:.3f} s", flush=True)
     elapsed = time.monotonic() - began
-    write_markdown(Path(opts.out), quick, lat, thr, scan_mem, cpu, start, scale, elapsed, baseline)
+    write_markdown(Path(opts.out), quick, lat, thr, scan_mem, cpu, start, scale, elapsed, baseline, coop)
     print(f"wrote {opts.out} in {elapsed:.0f} s")
     return 0
 
