@@ -410,21 +410,25 @@ class Guardian:
     SCRIPT = (
         "trap '' INT HUP TERM QUIT; pg=; "
         "while IFS= read -r line; do case $line in done) exit 0;; -) pg=;; *) pg=$line;; esac; done; "
+        # the terminal's status row: give the whole terminal back (the scroll region reset)
+        '[ -n "$3" ] && printf \'\\033%s\\033[r\\033%s\' 7 8 > "$3" 2>/dev/null; '
         '[ -n "$pg" ] || exit 0; '
         'kill -s "$1" -- "-$pg" 2>/dev/null || exit 0; kill -s CONT -- "-$pg" 2>/dev/null; '
         'sleep "$2"; kill -s KILL -- "-$pg" 2>/dev/null; exit 0'
     )
 
-    def __init__(self, stop_signal: int, grace_period: float):
+    def __init__(self, stop_signal: int, grace_period: float, terminal: Optional[str] = None):
         self.pid: Optional[int] = None
         self._write_fd: Optional[int] = None
         self.stop_signal = signal.Signals(stop_signal).name[3:]
         self.grace = max(1, int(grace_period + 0.999))
+        self.terminal = terminal or ""
 
     def start(self) -> Optional[int]:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
-            proc = subprocess.Popen(["sh", "-c", self.SCRIPT, "stopstep-guardian", self.stop_signal, str(self.grace)],
+            proc = subprocess.Popen(["sh", "-c", self.SCRIPT, "stopstep-guardian", self.stop_signal, str(self.grace),
+                                     self.terminal],
                                     stdin=read_fd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     start_new_session=True, close_fds=True)
         except OSError:

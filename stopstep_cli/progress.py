@@ -1,47 +1,87 @@
 """Showing people how far the run has come, without touching its output.
 
-On a terminal, a status line on stderr (step, target, steps/s, ETA) that is
-erased before any of the command's output is written and redrawn only when
-that output has ended a line, so it never splits or overwrites the command's
-own lines and bars. Without a terminal (CI), a plain line every
-``status_interval`` seconds. With ``GITHUB_STEP_SUMMARY`` set, a Markdown
-summary appended to that file at the end.
+On a terminal, the bottom row is kept for stopstep's status (step, target,
+steps/s, ETA) with a scroll region (``ESC [ top ; bottom r``, as apt's
+``Progress: [ 40%]`` bar does): the command's output, its own ``\\r`` bars
+included, scrolls in the rows above and never reaches the status row, so the
+status is there all the time and is redrawn on a timer, with the cursor saved
+and restored around it. It is drawn only between whole escape sequences and
+whole characters of the command's output, never inside one. The terminal is
+given back whole at every ending (the region reset, the status row cleared),
+and before a Ctrl-Z hands the terminal to the shell.
+
+Where the terminal's size cannot be had (``--progress always`` into a pipe),
+the status is one line that is erased before the command's output and drawn
+again only where that output ended a line. Without a terminal (CI), a plain
+line every ``status_interval`` seconds. With ``GITHUB_STEP_SUMMARY`` set, a
+Markdown summary is appended to that file at the end.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import struct
+import threading
 import time
 from typing import Optional
 
+from .outcome import format_duration, format_rate
+
 ERASE = b"\r\x1b[K"
+#: How often the status row is drawn again (it has no output of its own to wait for).
+REDRAW_EVERY = 0.5
+# An escape sequence at the end of what was written, not yet finished: CSI
+# (ESC [ params intermediates, no final byte yet), OSC/DCS without their end, a lone ESC.
+_OPEN_ESCAPE = re.compile(rb"\x1b(?:\[[\x30-\x3f]*[\x20-\x2f]*|[\]P_^X][^\x07\x1b]*|)\Z")
 
 
-def format_duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
+def terminal_size(fd: int) -> Optional[tuple]:
+    """(rows, columns) of the terminal on ``fd``, or None."""
+    import fcntl
+    import termios
+
+    try:
+        rows, cols, _x, _y = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
+    except OSError:
+        return None
+    return (rows, cols) if rows and cols else None
+
+
+def cut_off(tail: bytes) -> bool:
+    """Does written output end inside an escape sequence or a UTF-8 character? (Nothing of
+    stopstep's may be written there: it would break the sequence or the character.)"""
+    if _OPEN_ESCAPE.search(tail[-64:]):
+        return True
+    for back in range(1, min(4, len(tail)) + 1):
+        byte = tail[-back]
+        if byte < 0x80:
+            return False
+        if byte >= 0xC0:  # the lead byte: how many bytes its character has
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return back < need
+    return False
 
 
 class Progress:
-    """Step, target and rate, drawn as a status line or printed as lines."""
+    """Step, target and rate, drawn in the terminal's bottom row or printed as lines."""
 
     def __init__(self, status_line: bool, status_interval: float, fd: int = 2):
         self.status_line = status_line
         self.status_interval = status_interval
         self.fd = fd
-        self.shown = False  # the status line is on the screen now
-        self.at_line_start = True  # the last byte written to the terminal ended a line
-        self._next_redraw = time.monotonic()
+        self.region: Optional[tuple] = None  # (rows, columns) while the bottom row is ours
+        self.shown = False  # line mode: the status line is on the screen now
+        self.at_line_start = True  # line mode: the last byte written ended a line
+        self.safe = True  # region mode: the output so far ends between sequences and characters
+        self._next_draw = time.monotonic()
         self._next_line = time.monotonic() + status_interval if status_interval else None
         self._rate_since: Optional[tuple] = None  # (time, step) the rate is measured from
+        self._lock = threading.Lock()  # the sentinel thread gives the terminal back on Ctrl-Z
         self.step: Optional[int] = None
         self.target: Optional[int] = None
+
+    # -- what it says -----------------------------------------------------------------
 
     def update(self, step: int, target: Optional[int], since: Optional[tuple]) -> None:
         """The latest step; ``since`` is the (time, step) the rate counts from."""
@@ -55,7 +95,7 @@ class Progress:
             parts[0] += f" ({min(100.0, 100.0 * self.step / self.target):.0f}%)"
         rate = self.rate(now)
         if rate:
-            parts.append(f"{rate:.3g} steps/s")
+            parts.append(format_rate(rate))
             if self.target is not None and self.step < self.target:
                 parts.append(f"ETA {format_duration((self.target - self.step) / rate)}")
         return ", ".join(parts)
@@ -66,45 +106,104 @@ class Progress:
         since, first = self._rate_since
         return (self.step - first) / (now - since) if now > since and self.step > first else None
 
-    # -- the status line (terminal) -------------------------------------------------
+    # -- the terminal's bottom row ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Keep the bottom row (when stderr is a terminal whose size is known)."""
+        if not self.status_line:
+            return
+        size = terminal_size(self.fd)
+        if size is None or size[0] < 3:
+            return  # line mode
+        with self._lock:
+            self._keep_bottom_row(size)
+
+    def _keep_bottom_row(self, size: tuple) -> None:
+        rows, _cols = size
+        # A new line first, so that a cursor on the bottom row moves up into what stays
+        # the scrolling part; setting the region moves the cursor home, so save it around that.
+        if self._write(b"\n\x1b7\x1b[1;%dr\x1b8\x1b[1A" % (rows - 1)):
+            self.region = size
+
+    def resize(self) -> None:
+        """The window changed size: the region follows, the status row is drawn again."""
+        with self._lock:
+            if self.region is None:
+                return
+            size = terminal_size(self.fd)
+            self._give_back()
+            if size is not None and size[0] >= 3:
+                self._keep_bottom_row(size)
+        self.draw(time.monotonic())
+
+    def give_back(self) -> None:
+        """The whole terminal back, as it was (at the end, or before a Ctrl-Z stops us)."""
+        with self._lock:
+            self._give_back()
+
+    def _give_back(self) -> None:
+        if self.region is not None:
+            rows = self.region[0]
+            self._write(b"\x1b7\x1b[r\x1b[%d;1H\x1b[2K\x1b8" % rows)  # all rows scroll again; ours empty
+            self.region = None
+        self.before_output()
+
+    def take_again(self) -> None:
+        """After ``fg``: keep the bottom row again."""
+        if self.status_line:
+            self.start()
+
+    # -- around the command's output ------------------------------------------------------------
 
     def before_output(self) -> None:
-        if self.shown:
+        if self.shown:  # line mode: erase our line before the command writes
             self._write(ERASE)
             self.shown = False
 
-    def after_output(self, last_byte: int) -> None:
-        self.at_line_start = last_byte == 10  # "\n"
+    def after_output(self, tail) -> None:
+        """What the command's output ended with (the last bytes written)."""
+        self.at_line_start = tail[-1:] == b"\n"
+        self.safe = not cut_off(bytes(tail))
 
     def draw(self, now: float) -> None:
-        if not self.status_line or not self.at_line_start:
+        if not self.status_line:
             return
-        line = f"stopstep: {self.text(now)}"
-        self._write(ERASE + line.encode()[:200])
-        self.shown = True
+        line = f"stopstep: {self.text(now)}".encode()
+        with self._lock:
+            if self.region is not None:
+                if self.safe:
+                    cols = self.region[1]
+                    self._write(b"\x1b7\x1b[%d;1H\x1b[2K" % self.region[0] + line[: cols - 1] + b"\x1b8")
+            elif self.at_line_start:
+                self._write(ERASE + line[:200])
+                self.shown = True
 
     def clear(self) -> None:
+        """Before one of stopstep's own lines (line mode: erase the status line)."""
         self.before_output()
 
-    # -- lines (no terminal) ---------------------------------------------------------
+    # -- the loop's timer ---------------------------------------------------------------------------
 
     def next_due(self) -> Optional[float]:
-        return self._next_redraw if self.status_line else self._next_line
+        return self._next_draw if self.status_line else self._next_line
 
     def tick(self, now: float, console) -> None:
         if self.status_line:
-            # once a second, drawn or not (the command may have a line open): never a busy loop
-            self._next_redraw = now + 1.0
+            # drawn on a timer, whatever the output does: never a busy loop
+            self._next_draw = now + (REDRAW_EVERY if self.region is not None else 1.0)
             self.draw(now)
         elif self._next_line is not None and now >= self._next_line:
             self._next_line = now + self.status_interval
             console.info(f"progress: {self.text(now)}")
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes) -> bool:
         try:
             os.write(self.fd, data)
+            return True
         except OSError:
             self.status_line = False
+            self.region = None
+            return False
 
 
 def github_step_summary(report, path: Optional[str] = None) -> None:
@@ -119,6 +218,7 @@ def github_step_summary(report, path: Optional[str] = None) -> None:
         ("last step seen", report.last_step_seen),
         ("start step", report.start_step),
         ("last complete checkpoint", report.last_checkpoint_step),
+        ("stopped", report.stop_mode or "by itself"),
         ("steps/s", report.steps_per_s),
         ("duration", format_duration(report.duration_s)),
         ("restarts", report.restarts),

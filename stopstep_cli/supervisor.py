@@ -190,7 +190,9 @@ class Supervisor:
             if self.subreaper or pid1:
                 self._subreaper.enable()
             if self.foreground_wanted:
-                self._foreground = self._sentinel.foreground = Foreground(0)
+                self._foreground = self._sentinel.foreground = Foreground(0, self.progress)
+            if self.progress is not None:
+                self.progress.start()  # the bottom row of the terminal is the status's
             self._run_hooks(self.runner.begin)
             while self.phase is not Phase.DONE:
                 if self.phase is Phase.STARTING:
@@ -248,7 +250,8 @@ class Supervisor:
                 tree.foreign = tree.foreign | {self._listener.pid}
                 self._sentinel.listen_to_terminal(self._listener)
         if self.guardian_wanted and self._guardian is None and os.getpid() != 1:
-            self._guardian = Guardian(self.stop_signal, self.grace_period)
+            region = self.progress is not None and self.progress.region is not None
+            self._guardian = Guardian(self.stop_signal, self.grace_period, os.ttyname(2) if region else None)
             self._guardian.start()
             tree.foreign = tree.foreign | {self._guardian.pid}
         if self._guardian is not None:
@@ -363,6 +366,8 @@ class Supervisor:
                         self._on_command_exit()
             elif event.kind == WINCH:
                 self.pump.resize_ptys()
+                if self.progress is not None:
+                    self.progress.resize()
             elif event.kind == OVERRUN and self.hook_error is None:
                 # the hook swallowed the interruption and came back on its own
                 self._hook_failed(HookFailed(None, "", TimeoutError(event.text), where=event.text.split()[1]))
@@ -779,7 +784,7 @@ class Supervisor:
         report.stop_mode = facts.stop_mode
         report.received_signal = outcome.signal_name(facts.received_signal)
         if self.progress is not None:
-            self.progress.clear()
+            self.progress.give_back()
         self._flush_messages()
         for what in self.sources.missing():
             self.console.info(f"{what} never appeared")
@@ -807,7 +812,9 @@ class Supervisor:
         if self._guardian is not None:
             self._guardian.release()  # the tree is down; the process ends without the usual tidy-up
         self.console.error("a hook did not come back after it was interrupted; ending without it")
-        self._conclude(self._facts())
+        self._conclude(self._facts())  # (gives the terminal's status row back too)
+        if self._foreground is not None:
+            self._foreground.restore()
         self.on_abandon(self.report)
 
     def _tidy_up(self) -> None:
@@ -819,7 +826,7 @@ class Supervisor:
         if self._foreground is not None:
             self._foreground.restore()
         if self.progress is not None:
-            self.progress.clear()
+            self.progress.give_back()
         if self._sentinel is not None:
             self._sentinel.close()
         if self.tree is not None and not self.tree.reaped and self.tree.pid is not None:

@@ -56,8 +56,9 @@ class Foreground:
     group (a backgrounded ``stopstep ... &`` leaves the terminal alone).
     """
 
-    def __init__(self, fd: int = 0):
+    def __init__(self, fd: int = 0, progress=None):
         self.fd = fd
+        self.progress = progress  # the status row is given back while the shell has the terminal
         self.active = False
         self._own_group = os.getpgrp()
         try:
@@ -91,6 +92,8 @@ class Foreground:
         stop takes hold on every thread of ours soon after. :meth:`resume` follows
         once SIGCONT, ``fg`` or ``bg``, has come.)"""
         if self.active:
+            if self.progress is not None:
+                self.progress.give_back()
             self._give(self._own_group)
             os.killpg(self._own_group, signal.SIGSTOP)
 
@@ -103,6 +106,8 @@ class Foreground:
             foreground = False
         if foreground and self._child_group is not None:
             self._give(self._child_group)
+            if self.progress is not None:
+                self.progress.take_again()
         tree.signal_group(signal.SIGCONT)
 
     def take_back(self) -> None:

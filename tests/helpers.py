@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import select
+import struct
 import subprocess
 import sys
 import termios
@@ -138,14 +139,17 @@ def stderr_lines(result) -> list:
 class Terminal:
     """stopstep run on a pseudo-terminal that is its controlling terminal, as from a shell."""
 
-    def __init__(self, args):
+    def __init__(self, args, size=(24, 80), env=None):
         self.master, slave = os.openpty()
+        self.size = size
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
 
         def make_controlling():
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
         self.proc = subprocess.Popen(STOPSTEP + list(args), stdin=slave, stdout=slave, stderr=slave,
-                                     start_new_session=True, preexec_fn=make_controlling, env=_env(None))
+                                     start_new_session=True, preexec_fn=make_controlling, env=_env(env))
+        self.slave_name = os.ttyname(slave)
         os.close(slave)
         self.output = b""
         self._lock = threading.Lock()
@@ -170,6 +174,21 @@ class Terminal:
 
     def type(self, data: bytes):
         os.write(self.master, data)
+
+    def resize(self, rows: int, cols: int):
+        """As a terminal window resized: the new size, and SIGWINCH to its foreground group."""
+        self.size = (rows, cols)
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def screen(self):
+        """The screen as a terminal would show it now (pyte renders what was written)."""
+        import pyte
+
+        screen = pyte.Screen(self.size[1], self.size[0])
+        with self._lock:
+            data = self.output
+        pyte.ByteStream(screen).feed(data)
+        return screen
 
     def close(self):
         if self.proc.poll() is None:

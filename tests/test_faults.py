@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import zipfile
 
 import psutil
@@ -51,11 +52,11 @@ def test_a_command_that_ignores_the_stop_signal_is_killed_after_the_grace_period
 
 def test_a_shell_that_does_not_pass_signals_on():
     # sh runs background jobs with SIGINT ignored; the grace period ends all six processes.
-    script = "yes | tail & yes | tail >&2 & echo step 1; wait"
-    before = {p.pid for p in psutil.process_iter()}
+    mark = f"mark-{os.getpid()}-{time.monotonic_ns()}"  # only this test's processes carry it
+    script = f"yes {mark} | tail -n 1 {mark} & yes {mark} | tail -n 1 {mark} >&2 & echo step 1; wait"
     result = run_stopstep("run", "--last-step", "1", "--grace-period", "0.5", "--", "sh", "-c", script)
     assert result.returncode == 137
-    left = [p for p in psutil.process_iter(["name"]) if p.pid not in before and p.info["name"] in ("yes", "tail")]
+    left = [p for p in psutil.process_iter(["cmdline"]) if mark in " ".join(p.info["cmdline"] or [])]
     assert not left, left
 
 

@@ -358,12 +358,12 @@ def test_a_reader_that_stops_reading_cannot_hold_the_end(tmp_path, stream):
 
 
 def test_a_leftover_that_floods_output_after_the_command_exited_cannot_hold_stopstep():
-    script = "(trap '' INT; exec yes flood) & echo step 1; exit 0"
-    before = {p.pid for p in psutil.process_iter()}
+    mark = f"flood-{os.getpid()}-{time.monotonic_ns()}"  # only this test's process carries it
+    script = f"(trap '' INT; exec yes {mark}) & echo step 1; exit 0"
     result = run_stopstep("run", "-q", "--last-step", "1000", "--grace-period", "1", "--", "sh", "-c", script)
     assert result.returncode == 0
-    left = [p for p in psutil.process_iter(["name"]) if p.pid not in before and p.info["name"] == "yes"]
-    assert not left
+    left = [p for p in psutil.process_iter(["cmdline"]) if mark in " ".join(p.info["cmdline"] or [])]
+    assert not left, left
 
 
 def test_a_helper_outside_the_group_that_keeps_respawning_is_swept(tmp_path):

@@ -1,0 +1,126 @@
+"""The status row on a real terminal: stopstep on a pseudo-terminal, its screen
+rendered with pyte as a terminal would show it."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import textwrap
+
+import psutil
+import pytest
+
+from helpers import TIMEOUT, Terminal, run_stopstep, trainer, wait_until
+
+pyte = pytest.importorskip("pyte")
+
+BAR = textwrap.dedent("""
+    import sys, time
+    total = 100000
+    for step in range(1, total):  # a tqdm-like bar redrawn 20 times a second
+        sys.stderr.write(f"\\r {step * 100 // total:2d}%|####      | {step}/{total} [00:01<00:02, 20.00it/s]")
+        sys.stderr.flush()
+        time.sleep(0.05)
+""")
+
+FLOOD = textwrap.dedent("""
+    import sys, time
+    for step in range(1, 10 ** 6):  # 1,000 lines a second
+        print(f"step {step} loss 0.5 " + "x" * 40, flush=True)
+        time.sleep(0.001)
+""")
+
+
+def bottom_row(term: Terminal) -> str:
+    screen = term.screen()
+    return screen.display[-1]
+
+
+def sample_status(term: Terminal, samples: int = 5):
+    """The bottom row at several moments while output keeps coming."""
+    rows = []
+    for _ in range(samples):
+        size = len(term.output)
+        wait_until(lambda: len(term.output) > size + 2000, "more output")
+        rows.append(bottom_row(term))
+    return rows
+
+
+@pytest.mark.parametrize("command,preset", [(BAR, "hf"), (FLOOD, None)], ids=["tqdm-bar-20Hz", "1000-lines-a-second"])
+def test_the_status_is_always_on_the_bottom_row(command, preset):
+    args = ["run", "--last-step", "10000000"] + (["--preset", preset] if preset else []) + \
+        ["--", sys.executable, "-c", command]
+    term = Terminal(args)
+    try:
+        term.wait_for(b"stopstep: step ")
+        rows = sample_status(term)
+        assert all(row.startswith("stopstep: step ") for row in rows), rows
+        screen = term.screen()
+        above = "\n".join(screen.display[:-1])
+        assert ("|####" in above) if preset else ("loss 0.5" in above)  # the command's output, above it
+        term.type(b"\x03")
+        assert term.proc.wait(timeout=TIMEOUT) == 130
+    finally:
+        term.close()
+    screen = term.screen()
+    assert screen.margins is None or screen.margins == (0, term.size[0] - 1)  # the whole terminal scrolls again
+    assert "stopstep: received SIGINT" in "\n".join(screen.display) or b"received SIGINT" in term.output
+
+
+def _whole_again(term: Terminal) -> bool:
+    screen = term.screen()
+    return screen.margins is None or tuple(screen.margins) == (0, term.size[0] - 1)
+
+
+def test_the_terminal_is_whole_after_a_crash_and_after_sigterm():
+    for ending in ("crash", "sigterm"):
+        code = "import time\nfor i in range(1, 30):\n    print('step', i, flush=True)\n    time.sleep(0.05)\n" + \
+            ("raise SystemExit(3)\n" if ending == "crash" else "time.sleep(60)\n")
+        term = Terminal(["run", "--last-step", "1000", "--", sys.executable, "-c", code])
+        try:
+            term.wait_for(b"stopstep: step ")
+            if ending == "sigterm":
+                term.proc.send_signal(signal.SIGTERM)
+            assert term.proc.wait(timeout=TIMEOUT) == (3 if ending == "crash" else 143)
+        finally:
+            term.close()
+        assert _whole_again(term), ending
+        assert "exit" in term.screen().display[-2] or b"; exit " in term.output  # the summary, in the open
+
+
+def test_ctrl_z_gives_the_whole_terminal_back_and_fg_takes_the_row_again(pidfile):
+    term = Terminal(["run", "--last-step", "100000", "--", *trainer("--rate", "20", "--pidfile", pidfile)])
+    try:
+        term.wait_for(b"stopstep: step ")
+        supervisor = psutil.Process(term.proc.pid)
+        term.type(b"\x1a")
+        wait_until(lambda: supervisor.status() == psutil.STATUS_STOPPED, "stopstep stopped")
+        assert _whole_again(term)  # the shell gets a whole terminal
+        regions = term.output.count(b"\x1b[1;23r")
+        supervisor.send_signal(signal.SIGCONT)  # fg
+        wait_until(lambda: term.output.count(b"\x1b[1;23r") > regions, "the bottom row kept again")
+        wait_until(lambda: bottom_row(term).startswith("stopstep: step "), "the status drawn again")
+        term.type(b"\x03")
+        assert term.proc.wait(timeout=TIMEOUT) == 130
+    finally:
+        term.close()
+
+
+def test_the_status_row_follows_a_resized_window():
+    term = Terminal(["run", "--last-step", "100000", "--", *trainer("--rate", "20")])
+    try:
+        term.wait_for(b"stopstep: step ")
+        term.resize(30, 100)
+        term.proc.send_signal(signal.SIGWINCH)  # what the terminal does to its foreground job
+        wait_until(lambda: b"\x1b[1;29r" in term.output, "the region set for 30 rows")
+        term.type(b"\x03")
+        assert term.proc.wait(timeout=TIMEOUT) == 130
+    finally:
+        term.close()
+
+
+def test_without_a_terminal_lines_every_interval(tmp_path):
+    result = run_stopstep("run", "--status-interval", "0.2", "--last-step", "40", "--", *trainer("--rate", "50"))
+    assert result.returncode == 0
+    assert b"\x1b[" not in result.stderr  # no escape sequences into a pipe
+    assert b"stopstep: progress: step " in result.stderr
