@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 # ANSI escape sequences (CSI and two-byte ESC forms) and backspaces, removed
@@ -111,7 +112,10 @@ def _plain_step(match: re.Match, state: dict) -> Optional[int]:
 
 def _plus_one(match: re.Match, state: dict) -> Optional[int]:
     # The number printed is the step about to run, or read before the update.
-    return step_int(match.group("step")) + 1
+    step = step_int(match.group("step")) + 1
+    if step >= 10 ** MAX_STEP_DIGITS:
+        raise NotAStep(match.group("step")[:40])
+    return step
 
 
 def _scientific_step(match: re.Match, state: dict) -> Optional[int]:
@@ -324,10 +328,13 @@ def _sre_parse():
 
 
 def _required_literal(regex: str, flags: int) -> Optional[bytes]:
-    """The longest literal every match of ``regex`` must contain, if any.
+    """The longest word (letters, digits, ``_``; at least 3) every match of ``regex`` must
+    contain, if any: the bytes the scanner looks for before running the regex.
 
     Only top-level literal runs count; that is enough for patterns such as
-    ``loss=(?P<loss>\\S+) global_step=(\\d+)``.
+    ``loss=(?P<loss>\\S+) global_step=(\\d+)``. A word, not the whole run: the anchor
+    is looked for in the raw output, where a colour code can sit between a word and
+    what follows it (``\\x1b[1mStep\\x1b[0m 5`` for ``Step (\\d+)``).
     """
     if flags & re.IGNORECASE:
         return None
@@ -342,11 +349,14 @@ def _required_literal(regex: str, flags: int) -> Optional[bytes]:
         if getattr(op, "name", str(op)) == "LITERAL":
             run.append(chr(arg))
             continue
-        text = "".join(run)
-        if len(text) > len(best):
-            best = text
+        for word in re.findall(r"\w+", "".join(run)):
+            if len(word) > len(best):
+                best = word
         run = []
-    return best.encode("utf-8") if len(best) >= 3 else None
+    try:
+        return best.encode("utf-8") if len(best) >= 3 else None
+    except UnicodeEncodeError:
+        return None
 
 
 #: Repetition counts RE2 accepts (``{1001}`` and above are refused).
@@ -491,7 +501,13 @@ def _compile_linear(regex: str, groupindex) -> _LinearRegex:
 def compile_user_pattern(regex: str) -> StepFormat:
     """Turn a ``--pattern`` into a :class:`StepFormat` matched by RE2, or raise PatternError."""
     try:
-        compiled = re.compile(regex)
+        regex.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PatternError(f"pattern {regex!r} is not valid UTF-8") from None
+    try:
+        with warnings.catch_warnings():  # re's FutureWarning on "[[:digit:]]" and the like
+            warnings.simplefilter("ignore")
+            compiled = re.compile(regex)
     except re.error as exc:
         raise PatternError(f"pattern {regex!r} does not compile: {exc}") from None
     if "step" in compiled.groupindex:
@@ -510,8 +526,10 @@ def compile_user_pattern(regex: str) -> StepFormat:
             f"pattern {regex!r} needs a named group 'step' or exactly one group, "
             f"it has {compiled.groups} ({named} named, none of them 'step')"
         )
-    literal = _required_literal(regex, compiled.flags)
-    linear = _compile_linear(regex, compiled.groupindex)
+    with warnings.catch_warnings():  # the same FutureWarnings from parsing it again
+        warnings.simplefilter("ignore")
+        literal = _required_literal(regex, compiled.flags)
+        linear = _compile_linear(regex, compiled.groupindex)
 
     def checked(match, state: dict, _convert=to_step) -> Optional[int]:
         try:

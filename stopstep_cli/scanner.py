@@ -10,18 +10,20 @@ Every step counts. ``feed`` returns the observations of a read in the order
 their lines came, not only the latest: under torchrun the ranks' lines
 interleave (``[rank0]: step 100`` then ``[rank1]: step 99``), and the caller
 keeps the highest. To keep a read's cost bounded when output floods in (a
-1 MiB read can hold 50,000 step lines), only the last K =
-:data:`MAX_LINES_PER_READ` = 64 *candidate* lines of a read are examined: lines
-holding an anchor of some format (every non-empty line if a format has none);
-each costs one regex search whether it matches or not. The candidate lines
-before them are not read: their number is estimated from how densely step
-lines came in the part that was read, and added to the first observation's
-``coalesced`` (counting them with ``bytes.count`` cost 1 ms a MiB here, most of
-what a flooded read cost). So the highest step of a read counts whenever it is
-among its last 64 candidate lines: a rank would have to fall more than 64 lines
-behind the leader within one read for the lead to be missed. Context lines
-(Keras' ``Epoch 3/10``) before the examined lines still count: the last one is
-applied first.
+1 MiB read can hold 50,000 step lines), candidate lines (holding an anchor of
+some format; every non-empty line if a format has none) are examined from the
+end of the read back until K = :data:`MAX_LINES_PER_READ` = 64 of them matched
+a format, or :data:`MAX_MISSES_PER_READ` = 4,096 of them matched none (an anchor
+such as ``ter`` is in "parameters" and "after": a step line followed by a
+hundred such lines in one write is still read); each costs one regex search.
+The candidate lines before them are not read: their number is estimated from
+how densely step lines came in the part that was read, and added to the first
+observation's ``coalesced`` (counting them with ``bytes.count`` cost 1 ms a MiB
+here, most of what a flooded read cost). So the highest step of a read counts
+whenever it is among its last 64 step lines: a rank would have to fall more
+than 64 step lines behind the leader within one read for the lead to be
+missed. Context lines (Keras' ``Epoch 3/10``) before the examined lines still
+count: the last one is applied first.
 
 Why 64, measured on the 2-core Xeon this was written on (medians, machine
 shared with other work). Per 1 MiB read: 37,000 lines ``step N loss 0.x lr
@@ -73,8 +75,12 @@ from .patterns import MAX_STEP_DIGITS, NotAStep, StepFormat, clean_line
 #: Bytes of one line that are read for a step; the rest passes through unread.
 MAX_LINE = 64 * 1024
 
-#: Candidate lines examined per read, from its end (K). See the module docstring.
+#: Step lines read per read, from its end (K). See the module docstring.
 MAX_LINES_PER_READ = 64
+#: Candidate lines that match no format examined per read at most (lines holding an
+#: anchor by chance: "parameters", "after"), so a step line followed by many of them
+#: in one read is still read, and a read of them costs a bounded number of searches.
+MAX_MISSES_PER_READ = 4096
 
 #: A line still being drawn is re-read at every read while it is at most this
 #: long (a progress bar is a few hundred bytes); longer, only each time it has
@@ -167,22 +173,29 @@ class LineScanner:
         """The steps of the complete lines in ``buf[a:b]`` (``buf[b - 1]`` ends a line):
         the last ``max_lines`` candidate lines are read, in order; the ones before are
         only counted (estimated) in the first observation's ``coalesced``."""
-        window: List[Tuple[int, int, bool]] = []
-        pos = b
-        while pos > a and len(window) < self.max_lines:
+        window: List[Tuple[int, int, bool, bool]] = []
+        pos, steps, misses = b, 0, 0
+        max_line = self.max_line
+        while pos > a and steps < self.max_lines and misses < MAX_MISSES_PER_READ:
             line = self._previous_candidate(buf, a, pos)
             if line is None:
                 pos = a
                 break
-            window.append(line)
-            pos = line[0]
+            line_start, line_end, anchored = line
+            anchored = anchored and line_end - line_start <= max_line
+            hit = self._could_be_step(bytes(buf[line_start:min(line_end, line_start + max_line)]), anchored)
+            window.append((line_start, line_end, anchored, hit))
+            steps, misses = steps + hit, misses + (not hit)
+            pos = line_start
         first = len(out)
         if pos > a:  # the budget ran out: what comes before is counted, not read
             self._latest_context(buf, a, pos)
-        max_line = self.max_line
-        for line_start, line_end, anchored in reversed(window):
-            self._complete_line(bytes(buf[line_start:min(line_end, line_start + max_line)]), None, out,
-                                anchored and line_end - line_start <= max_line)
+        for line_start, line_end, anchored, hit in reversed(window):
+            raw = bytes(buf[line_start:min(line_end, line_start + max_line)])
+            if hit:
+                self._complete_line(raw, None, out, anchored)
+            elif self.context_anchors:
+                self._apply_context(raw)
         found = len(out) - first
         if pos > a and found:
             # Counting the step lines passed over would cost as much as a pass of
@@ -214,6 +227,14 @@ class LineScanner:
             self._walk_anchors = (hot,) + tuple(x for x in anchors if x is not hot)
         line_start = _rfind_terminator(buf, a, hit) + 1
         return line_start, _find_terminator(buf, hit, pos), hot in self._step_anchors
+
+    def _could_be_step(self, raw: bytes, anchored: bool) -> bool:
+        """Does some format's regex match this line? (Whether it makes a step depends
+        on context too; this only says which lines are worth reading in order.)"""
+        if self.anchors is not None and not anchored and not any(anchor in raw for anchor in self.anchors):
+            return False
+        text = clean_line(raw)
+        return any(fmt.regex.search(text) is not None for fmt in self.formats)
 
     def _complete_line(self, raw: bytes, seen: Optional[int], out: List[Observation],
                        anchored: bool = False) -> None:

@@ -13,7 +13,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from helpers import ROOT, TIMEOUT, run_with_report, start_stopstep, wait_for_output
 
 STANDINS = Path(__file__).resolve().parent / "standins"

@@ -194,7 +194,7 @@ def test_invalid_utf8_and_nul_bytes_do_not_break_matching():
 
 def test_user_pattern_named_or_single_group():
     named = compile_user_pattern(r"gs=(?P<step>\d+) loss=(?P<loss>\S+)")
-    assert named.anchors == (b" loss=",) or named.anchors == (b"gs=",)
+    assert named.anchors == (b"loss",)  # the longest word outside the groups: colour codes cannot split it
     scanner = LineScanner((named,), "t")
     buf = bytearray(b"gs=12 loss=0.5\n")
     (obs,) = scanner.feed(buf, len(buf))

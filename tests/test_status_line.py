@@ -9,7 +9,6 @@ import textwrap
 
 import psutil
 import pytest
-
 from helpers import TIMEOUT, Terminal, run_stopstep, trainer, wait_until
 
 pyte = pytest.importorskip("pyte")

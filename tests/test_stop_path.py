@@ -6,11 +6,13 @@ kill -9). Every wait is on an event, bounded by TIMEOUT."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import psutil
 import pytest
