@@ -39,8 +39,8 @@ class _Seconds(click.ParamType):
 
     name = "SECONDS"
 
-    def __init__(self, maximum: float, above_zero: bool = False):
-        self.maximum, self.above_zero = maximum, above_zero
+    def __init__(self, maximum: float, above_zero: bool = False, minimum: float = 0.0, or_zero: bool = False):
+        self.maximum, self.above_zero, self.minimum, self.or_zero = maximum, above_zero, minimum, or_zero
 
     def convert(self, value, param, ctx):
         if isinstance(value, float):
@@ -50,8 +50,13 @@ class _Seconds(click.ParamType):
                 seconds = float(str(value).strip())
             except ValueError:
                 self.fail(f"{value!r} is not a number of seconds", param, ctx)
-        low = "more than 0" if self.above_zero else "0 or more"
-        if not math.isfinite(seconds) or seconds < 0 or (self.above_zero and seconds == 0) or seconds > self.maximum:
+        if self.minimum:
+            low = f"0 or from {self.minimum:g}" if self.or_zero else f"at least {self.minimum:g}"
+        else:
+            low = "more than 0" if self.above_zero else "0 or more"
+        too_small = seconds < self.minimum and not (self.or_zero and seconds == 0)
+        if (not math.isfinite(seconds) or seconds < 0 or (self.above_zero and seconds == 0) or too_small
+                or seconds > self.maximum):
             self.fail(f"{value!r} is not a number of seconds {low} and at most {self.maximum:g}", param, ctx)
         return seconds
 
@@ -73,9 +78,9 @@ def cli() -> None:
 
 
 @cli.command(context_settings=_RUN_CONTEXT)
-@click.option("--last-step", type=click.IntRange(0, MAX_STEP), envvar="STOPSTEP_LAST_STEP", metavar="N",
+@click.option("--last-step", type=click.IntRange(0, MAX_STEP), metavar="N",
               help="Stop once the global step is >= N (absolute). [env: STOPSTEP_LAST_STEP]")
-@click.option("--num-steps", type=click.IntRange(0, MAX_STEP), envvar="STOPSTEP_NUM_STEPS", metavar="N",
+@click.option("--num-steps", type=click.IntRange(0, MAX_STEP), metavar="N",
               help="Stop after N steps from the step the run starts at. [env: STOPSTEP_NUM_STEPS]")
 @click.option("--pattern", "patterns", multiple=True, metavar="REGEX",
               help="Regex with a named group 'step' (or one group) matched against each output line. Repeatable.")
@@ -91,7 +96,7 @@ def cli() -> None:
               help="How the checkpoints in --checkpoint-dir are named and finished.")
 @click.option("--checkpoint-pattern", metavar="REGEX",
               help="Regex with a group 'step' matched against paths relative to --checkpoint-dir (generic layout).")
-@click.option("--poll", type=_Seconds(3600, above_zero=True), metavar="SECONDS",
+@click.option("--poll", type=_Seconds(3600, minimum=0.01), metavar="SECONDS",
               help="Poll files every SECONDS instead of inotify (NFS, Lustre, GCS fuse).")
 @click.option("--stop-after-checkpoint", is_flag=True,
               help="At the target, wait (up to --grace-period) for a complete checkpoint at or past it before stopping.")
@@ -120,7 +125,7 @@ def cli() -> None:
               help="A SessionRunHook of yours: module:Class or path/to/file.py:Class. Repeatable.")
 @click.option("--hook-arg", "hook_args", multiple=True, metavar="KEY=VALUE",
               help="A constructor argument for the --hook classes that take it. Repeatable.")
-@click.option("--hook-timeout", type=_Seconds(DAY, above_zero=True), default=60.0, show_default=True,
+@click.option("--hook-timeout", type=_Seconds(DAY, minimum=0.01), default=60.0, show_default=True,
               metavar="SECONDS", help="A hook call that has not returned after this long is a failed hook (exit 5).")
 @click.option("--cooperative/--no-cooperative", default=True, show_default=True, envvar="STOPSTEP_COOPERATIVE",
               help="Let the command's Python processes stop themselves at the target (Transformers, Lightning, "
@@ -131,7 +136,8 @@ def cli() -> None:
               help="Run the command's output on a pseudo-terminal (auto: where stopstep's own is a terminal).")
 @click.option("--progress", type=click.Choice(("auto", "always", "never")), default="auto", show_default=True,
               help="Status line on stderr (auto: when stderr is a terminal; else a line every --status-interval).")
-@click.option("--status-interval", type=_Seconds(DAY), default=60.0, show_default=True, metavar="SECONDS",
+@click.option("--status-interval", type=_Seconds(DAY, minimum=0.1, or_zero=True), default=60.0, show_default=True,
+              metavar="SECONDS",
               help="Without a terminal, print progress this often (0: never).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors from stopstep itself.")
 @click.option("-v", "--verbose", is_flag=True, help="Also say what stopstep sees and does.")
@@ -144,18 +150,7 @@ def run(**opts) -> int:
       stopstep run --last-step 5000 -- python train.py
       stopstep run --num-steps 50 --preset hf --report run.json -- python train.py
     """
-    if opts["last_step"] is not None and opts["num_steps"] is not None:
-        # An option on the command line wins over the other one's environment variable
-        # (an image sets STOPSTEP_LAST_STEP; a run of it asks for --num-steps).
-        source = click.get_current_context().get_parameter_source
-        env = click.core.ParameterSource.ENVIRONMENT
-        if source("last_step") is env and source("num_steps") is not env:
-            opts["last_step"] = None
-        elif source("num_steps") is env and source("last_step") is not env:
-            opts["num_steps"] = None
-    if (opts["last_step"] is None) == (opts["num_steps"] is None):
-        raise UsageError("give exactly one of --last-step or --num-steps "
-                         "(or STOPSTEP_LAST_STEP / STOPSTEP_NUM_STEPS)")
+    _target_from_environment(opts)
     if not opts["command"]:
         raise UsageError("no command given; put it after --, e.g. stopstep run --last-step 100 -- python train.py")
     if opts["quiet"] and opts["verbose"]:
@@ -166,10 +161,7 @@ def run(**opts) -> int:
         raise UsageError(str(exc)) from None
     if opts["report_path"] is not None:
         check_report_path(opts["report_path"])
-    if opts["stop_on_nan"] and not any(opts["nan_field"] in fmt.regex.groupindex for fmt in formats):
-        names = ", ".join(fmt.name for fmt in formats)
-        raise UsageError(f"--stop-on-nan reads the named group {opts['nan_field']!r}, which none of the formats "
-                         f"in use has ({names}); name the group with --nan-field or give a --pattern with it")
+    _check_nan_field(opts, formats)
     sources = _file_sources(formats, opts["log_files"], opts["log_file_from_start"], opts["checkpoint_dirs"],
                             opts["layout"], opts["checkpoint_pattern"], opts["poll"], opts["stop_after_checkpoint"])
     hooks = _hooks(opts)
@@ -215,6 +207,49 @@ def _publish(report, path: Optional[str], console: Console) -> None:
             if report.exit_code == 0:
                 report.exit_code = exc.exit_code
     github_step_summary(report)
+
+
+def _check_nan_field(opts, formats) -> None:
+    """--nan-field must name a value some format in use reads (or the loss the in-process
+    side reports), and means nothing without --stop-on-nan."""
+    field = opts["nan_field"]
+    if not opts["stop_on_nan"]:
+        source = click.get_current_context().get_parameter_source("nan_field")
+        if source is not click.core.ParameterSource.DEFAULT:
+            raise UsageError("--nan-field needs --stop-on-nan")
+        return
+    values = {name for fmt in formats for name in fmt.regex.groupindex
+              if not name.startswith("step") and name != "total"}
+    if field in values or (field == "loss" and opts["cooperative"]):
+        return
+    names = ", ".join(fmt.name for fmt in formats)
+    raise UsageError(f"--stop-on-nan reads the value {field!r}, which none of the formats in use reads ({names})"
+                     + ("" if opts["cooperative"] else " and the in-process side is off")
+                     + "; name another with --nan-field, or give a --pattern with (?P<" + field + ">...)")
+
+
+def _target_from_environment(opts) -> None:
+    """Exactly one target. A target on the command line wins over both environment
+    variables (an image sets STOPSTEP_LAST_STEP; a run of it asks for --num-steps), which
+    are read, and checked, only when the command line gives none."""
+    if opts["last_step"] is not None and opts["num_steps"] is not None:
+        raise UsageError("give exactly one of --last-step or --num-steps")
+    if opts["last_step"] is not None or opts["num_steps"] is not None:
+        return
+    given = {name: os.environ[var] for name, var in (("last_step", "STOPSTEP_LAST_STEP"),
+                                                     ("num_steps", "STOPSTEP_NUM_STEPS")) if os.environ.get(var)}
+    if len(given) != 1:
+        raise UsageError("give exactly one of --last-step or --num-steps "
+                         "(or STOPSTEP_LAST_STEP / STOPSTEP_NUM_STEPS)")
+    (name, text), = given.items()
+    var = "STOPSTEP_" + name.upper()
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise UsageError(f"{var}={text!r} is not a step (a whole number from 0 to {MAX_STEP})") from None
+    if not 0 <= value <= MAX_STEP:
+        raise UsageError(f"{var}={text!r} is not a step (a whole number from 0 to {MAX_STEP})")
+    opts[name] = value
 
 
 def _hooks(opts) -> list:
@@ -271,6 +306,9 @@ def _file_sources(formats, log_files, from_start, checkpoint_dirs, layout, check
             compile_user_pattern(checkpoint_pattern)
         except PatternError as exc:
             raise UsageError(str(exc).replace("pattern", "--checkpoint-pattern", 1)) from None
+    for option, paths in (("--checkpoint-dir", checkpoint_dirs), ("--log-file", log_files)):
+        if any(not path for path in paths):
+            raise UsageError(f"{option} needs a path (it was empty)")
     for path in checkpoint_dirs:
         if os.path.exists(path) and not os.path.isdir(path):
             raise UsageError(f"--checkpoint-dir {path} is not a directory")

@@ -175,7 +175,10 @@ class Layout:
     def is_complete(self, root: str, name: str, step: int) -> bool:
         try:
             return bool(self.complete(self, root, name, step))
-        except OSError:  # deleted or replaced while we looked: not finished
+        except (OSError, ValueError, AttributeError, struct.error, RecursionError, MemoryError):
+            # deleted or replaced while we looked, or not what the framework writes (a
+            # temporary shard name, a malformed archive, a state file nested too deep):
+            # not finished
             return False
 
 def _hf_complete(layout, root, name, step) -> bool:

@@ -21,10 +21,11 @@ class Observation:
     :data:`KINDS`) and ``source`` which one (``stdout``, ``log:train.log``);
     ``path`` is the checkpoint's path for a checkpoint; ``coalesced`` counts the
     step lines of the same read passed over for this one; ``time`` is
-    ``time.monotonic()`` when it was seen.
+    ``time.monotonic()`` when it was seen; ``historic`` marks a step read from
+    what a log file already held at launch (``--log-file-from-start``).
     """
 
-    __slots__ = ("step", "fields", "source", "kind", "path", "coalesced", "line", "time")
+    __slots__ = ("step", "fields", "source", "kind", "path", "coalesced", "line", "time", "historic")
 
     def __init__(self, step: int, fields: Optional[Dict[str, object]] = None, source: str = "",
                  kind: str = OUTPUT, path: Optional[str] = None, coalesced: int = 0, line: str = "",
@@ -37,6 +38,7 @@ class Observation:
         self.coalesced = coalesced
         self.line = line
         self.time = time
+        self.historic = False  # seen in what a log already held at launch: not the command's own step
 
     @property
     def is_checkpoint(self) -> bool:

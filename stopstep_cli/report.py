@@ -159,6 +159,8 @@ def check_report_path(path: str) -> None:
     if path.startswith("-"):
         raise UsageError(f"--report {path!r} looks like an option; give the report's path "
                          f"(./{path} if that is really its name)")
+    if path.endswith(os.sep):
+        raise UsageError(f"--report {path} names a directory; give the report file's path")
     try:
         st = os.stat(path)
     except OSError:

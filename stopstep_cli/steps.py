@@ -7,6 +7,9 @@ from typing import Callable, Dict, Optional
 from .observation import Observation
 from .report import RunReport
 
+#: Seconds of steps a rate needs.
+MIN_RATE_SPAN = 0.2
+
 
 class StepLedger:
     """The global step (the highest any source has seen), the first and last steps
@@ -21,8 +24,9 @@ class StepLedger:
         self._per_source: Dict[str, int] = {}
         self._last_at: Optional[float] = None
         self.start_step = start_step  # where this process started, as far as stopstep can tell
-        #: (time, step) the rate is counted from: the first step seen at or above the start,
-        #: so a resumed bar's jump from 0/N to the checkpoint is not counted as steps done
+        #: (time, step) the rate is counted from: the first step this process did (above the
+        #: start), so neither a resumed bar's jump from 0/N to the checkpoint nor the loading
+        #: before the first step counts as time spent training
         self.rate_anchor: Optional[tuple] = None
 
     def started_at(self, start_step: Optional[int]) -> None:
@@ -39,7 +43,7 @@ class StepLedger:
             self.debug(f"checkpoint for step {obs.step} is complete: {obs.line}")
         if report.first_step_seen is None:
             report.first_step_seen = obs.step
-        if self.rate_anchor is None and (self.start_step is None or obs.step >= self.start_step):
+        if self.rate_anchor is None and obs.step > (self.start_step or 0):
             self.rate_anchor = (obs.time, obs.step)
         last_here = self._per_source.get(obs.source)
         if last_here is not None and obs.step < last_here:
@@ -62,6 +66,6 @@ class StepLedger:
         if self.rate_anchor is None or self._last_at is None or self.global_step is None:
             return None
         since, first = self.rate_anchor
-        if self._last_at <= since or self.global_step <= first:
-            return None
+        if self._last_at - since < MIN_RATE_SPAN or self.global_step <= first:
+            return None  # steps seen together (checkpoints found in one look) give no rate
         return round((self.global_step - first) / (self._last_at - since), 3)

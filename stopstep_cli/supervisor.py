@@ -25,6 +25,7 @@ import time
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 from . import outcome
+from .channel import InProcessChannel
 from .console import Console
 from .errors import StopstepError
 from .hooks import (
@@ -56,7 +57,6 @@ from .sentinel import (
 from .signals import FORWARDED_SIGNALS, all_catchable_signals
 from .sources import SourceSet
 from .steps import StepLedger
-from .channel import InProcessChannel
 from .stop_sequence import Stage, StopSequence
 from .terminal import Foreground, TerminalSignals, is_terminal, wants_pty
 
@@ -162,6 +162,7 @@ class Supervisor:
         self._listener: Optional[TerminalSignals] = None
         self._stopping: Optional[StopSequence] = None  # the sequence of a stop stopstep made (not a clean-up)
         self._froze_gc = False
+        self._source_fds: set = set()
         self._started = self._attempt_started = 0.0
 
     # -- the run --------------------------------------------------------------------
@@ -303,6 +304,9 @@ class Supervisor:
             elif fd == self.sources.fileno():
                 self._observe(self.sources.on_events())
                 self._plan_wakes()
+            elif fd in self._source_fds:
+                self._observe(self.sources.on_readable(fd))
+                self._plan_wakes()
             elif self.tree is not None and fd == self.tree.pidfd:
                 self._poller.unregister(fd)
                 self._on_command_exit()
@@ -442,6 +446,13 @@ class Supervisor:
         else:
             self.timers.clear("hooks")
         self.timers.set("sources", self.sources.next_due())
+        fds = self.sources.fds()  # a FIFO as a log file: its writes make no inotify event
+        if fds != self._source_fds:
+            for fd in self._source_fds - fds:
+                self._poller_forget(fd)
+            for fd in fds - self._source_fds:
+                self._poller.register(fd, select.POLLIN)
+            self._source_fds = fds
         if self.progress is not None:
             self.timers.set("progress", self.progress.next_due())
 
@@ -699,7 +710,7 @@ class Supervisor:
     def _check_start(self, obs: Observation) -> None:
         """The command's own first step (a 0, drawn before any step, says nothing) below
         the checkpoint it seemed to resume from: it started fresh, or from an older one."""
-        if obs.step < 1 or self._start_checked:
+        if obs.step < 1 or self._start_checked or obs.historic:
             return
         self._start_checked = True
         resumed = self.session.start_step
@@ -707,6 +718,9 @@ class Supervisor:
             return
         start = self.sources.start_over_from(obs.step)
         self._start_at(start)
+        # the newest checkpoint that counts is this run's (or an older one it started from)
+        latest = self.sources.latest_checkpoint()
+        self.report.last_checkpoint_step, self.report.last_checkpoint_path = latest or (None, None)
         how = "fresh" if start is None else f"from step {start}"
         line = f"the command's first step is {obs.step}, below the checkpoint at step {resumed}: it started {how}"
         if self.target is not None and not self.report.attempts:  # num_steps is anchored at the first start

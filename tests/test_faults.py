@@ -52,12 +52,19 @@ def test_a_command_that_ignores_the_stop_signal_is_killed_after_the_grace_period
 
 def test_a_shell_that_does_not_pass_signals_on():
     # sh runs background jobs with SIGINT ignored; the grace period ends all six processes.
-    mark = f"mark-{os.getpid()}-{time.monotonic_ns()}"  # only this test's processes carry it
-    script = f"yes {mark} | tail -n 1 {mark} & yes {mark} | tail -n 1 {mark} >&2 & echo step 1; wait"
-    result = run_stopstep("run", "--last-step", "1", "--grace-period", "0.5", "--", "sh", "-c", script)
+    mark = f"{os.getpid()}-{time.monotonic_ns()}"  # only this test's processes carry it (in their environment)
+    script = "yes | tail & yes | tail >&2 & echo step 1; wait"
+    result = run_stopstep("run", "--last-step", "1", "--grace-period", "0.5", "--", "sh", "-c", script,
+                          env={"STOPSTEP_TEST_MARK": mark})
     assert result.returncode == 137
-    left = [p for p in psutil.process_iter(["cmdline"]) if mark in " ".join(p.info["cmdline"] or [])]
-    assert not left, left
+    assert not [p for p in psutil.process_iter() if _marked(p, mark)]
+
+
+def _marked(proc, mark: str) -> bool:
+    try:
+        return proc.environ().get("STOPSTEP_TEST_MARK") == mark
+    except psutil.Error:
+        return False
 
 
 def test_workers_setsid_grandchild_and_double_forked_daemon_are_all_gone(pidfile):

@@ -161,7 +161,10 @@ def test_bad_input_is_one_clear_line(args, says):
 
 def test_bad_environment_value_is_a_usage_error():
     result = run_stopstep("run", "--", "true", env={"STOPSTEP_NUM_STEPS": "many"})
-    assert result.returncode == 2 and b"--num-steps" in result.stderr
+    assert result.returncode == 2 and b"STOPSTEP_NUM_STEPS='many' is not a step" in result.stderr
+    # ...and one that is not used, since the command line gives the target, is not even read
+    result = run_stopstep("run", "-q", "--num-steps", "1", "--", "true", env={"STOPSTEP_LAST_STEP": "nan"})
+    assert result.returncode == 0
 
 
 def test_presets_lists_every_preset():

@@ -278,8 +278,16 @@ def test_a_resumed_progress_bar_starting_at_0_is_a_resume_and_its_rate_is_real(t
     (["--report", ""], "--report needs a path"),
     (["--report", "--"], "looks like an option"),
     (["--pattern", r"(?P<loss>\d+)"], "step"),
-    (["--nan-field", "nosuch", "--stop-on-nan"], "--stop-on-nan reads the named group 'nosuch'"),
-    (["--stop-on-nan", "--preset", "hf"], "--stop-on-nan reads the named group 'loss'"),
+    (["--nan-field", "nosuch", "--stop-on-nan"], "--stop-on-nan reads the value 'nosuch'"),
+    (["--nan-field", "step", "--stop-on-nan"], "--stop-on-nan reads the value 'step'"),
+    (["--no-cooperative", "--stop-on-nan", "--preset", "hf"], "--stop-on-nan reads the value 'loss'"),
+    (["--nan-field", "loss"], "--nan-field needs --stop-on-nan"),
+    (["--poll", "1e-9", "--log-file", "x"], "--poll"),
+    (["--status-interval", "1e-9"], "--status-interval"),
+    (["--log-file", ""], "--log-file needs a path"),
+    (["--checkpoint-dir", ""], "--checkpoint-dir needs a path"),
+    (["--report", "nosuchdir/"], "names a directory"),
+    (["--pattern", "\udcffstep (\\d+)"], "is not valid UTF-8"),
     (["--log-file", "/dev/null"], "is not a regular file or a FIFO"),
     (["--max-restarts", "-1"], "--max-restarts"),
 ])
@@ -325,3 +333,220 @@ def test_a_line_whose_newline_comes_late_is_scanned_in_linear_time():
     wait_for_output(proc.stdout, b"step 2", timeout=30)  # passed on without waiting for the scan
     proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+# -- what an outside tester found: every one a test ---------------------------------------------------------
+
+
+def test_a_checkpoint_pattern_with_a_directory_in_it_is_followed_while_running(tmp_path):
+    ckpt = tmp_path / "ck"
+    (ckpt / "sub").mkdir(parents=True)
+    writer = f"for i in 1 2 3 4 5 6 7 8; do head -c 100 /dev/zero > {ckpt}/sub/model_$i.bin; sleep 0.5; done"
+    result, report = run_with_report(tmp_path, "--last-step", "3", "--checkpoint-dir", ckpt, "--checkpoint-pattern",
+                                     r"sub/model_(?P<step>\d+)\.bin", "--", "sh", "-c", writer)
+    assert result.returncode == 0, result.stderr.decode()
+    assert report["reason"] == "target_reached" and report["last_checkpoint_step"] in (3, 4)  # not 8, at the end
+
+
+def test_a_step_line_followed_by_many_lines_holding_an_anchor_is_read():
+    code = ("import sys, time\n"
+            "sys.stdout.write('step 100 loss 0.5\\n' + ''.join(f'  layer {i}: parameters frozen\\n' for i in range(200)))\n"
+            "sys.stdout.flush()\ntime.sleep(60)\n")
+    result = run_stopstep("run", "--last-step", "100", "--", sys.executable, "-c", code)
+    assert result.returncode == 0 and b"step 100 reached (target 100)" in result.stderr
+
+
+def test_a_colour_code_inside_a_patterns_words():
+    colour = 'for i in 1 2 3 4 5 6 7 8; do printf "\\033[1mStep\\033[0m %d\\n" $i; sleep .1; done; sleep 60'
+    result = run_stopstep("run", "--last-step", "5", "--pattern", r"Step (?P<step>\d+)", "--", "sh", "-c", colour)
+    assert result.returncode == 0 and b"step 5 reached (target 5)" in result.stderr
+
+
+def test_an_old_log_read_from_the_start_is_not_the_commands_first_step(tmp_path):
+    ckpt, log = tmp_path / "ck", tmp_path / "train.log"
+    _hf_checkpoint(ckpt, 500)
+    log.write_text("".join(f"step {i}\n" for i in range(1, 501)))  # the earlier run's lines
+    result, report = run_with_report(tmp_path, "--num-steps", "10", "--log-file", log, "--log-file-from-start",
+                                     "--checkpoint-dir", ckpt, "--",
+                                     *trainer("--rate", "50", "--start", "500", "--log-file", log))
+    assert result.returncode == 0, result.stderr.decode()
+    assert report["start_step"] == 500 and report["target_step"] == 510 and report["last_step_seen"] == 510
+
+
+def test_a_command_that_wipes_its_checkpoints_and_starts_over_is_seen_as_fresh(tmp_path):
+    ckpt = tmp_path / "ck"
+    subprocess.run(trainer("--steps", "5", "--rate", "0", *QUIET, "--checkpoint-dir", ckpt, "--layout", "lightning",
+                           "--save-every", "1"), check=True, capture_output=True)
+    again = " ".join(trainer("--rate", "5", *QUIET, "--checkpoint-dir", ckpt, "--layout", "lightning",
+                             "--save-every", "1"))
+    result, report = run_with_report(tmp_path, "--last-step", "3", "--checkpoint-dir", ckpt, "--",
+                                     "sh", "-c", f"rm -rf {ckpt}; mkdir {ckpt}; exec {again}")
+    err = result.stderr.decode()
+    assert result.returncode == 0, err
+    assert "below the checkpoint at step 5" in err and report["last_checkpoint_step"] == 3
+
+
+def test_a_stale_checkpoint_above_the_target_does_not_skip_the_wait_for_this_runs(tmp_path):
+    ckpt = tmp_path / "ck"
+    _hf_checkpoint(ckpt, 300)
+    result, report = run_with_report(tmp_path, "--last-step", "30", "--stop-after-checkpoint", "--checkpoint-dir",
+                                     ckpt, "--", *trainer("--rate", "50", "--checkpoint-dir", ckpt, "--layout", "hf",
+                                                          "--save-every", "30", "--save-seconds", "0.3"))
+    err = result.stderr.decode()
+    assert result.returncode == 0, err
+    assert "waiting up to 30s for a complete checkpoint" in err
+    assert report["last_checkpoint_step"] == 30  # this run's, not the stale 300
+
+
+def test_the_end_of_a_big_log_is_read_to_its_last_line(tmp_path):
+    log = tmp_path / "train.log"
+    code = (f"import time\ntime.sleep(0.3)\nopen({str(log)!r}, 'w').write('x' * 40_000_000 + '\\nstep 200\\n')\n")
+    result, report = run_with_report(tmp_path, "--last-step", "1000", "--poll", "30", "--log-file", log, "--",
+                                     sys.executable, "-c", code)
+    assert result.returncode == 0
+    assert report["last_step_seen"] == 200
+
+
+def test_a_log_truncated_and_written_again_between_two_looks(tmp_path):
+    log = tmp_path / "train.log"
+    code = textwrap.dedent(f"""
+        import time
+        with open({str(log)!r}, "w") as fh:
+            fh.write("".join(f"noise {{i}}\\n" for i in range(10)))
+        time.sleep(1.5)  # a look in between
+        with open({str(log)!r}, "w") as fh:  # truncated...
+            fh.write("step 50\\n" + "".join(f"noise {{i}}\\n" for i in range(20)))  # ...and longer than before
+        time.sleep(60)
+    """)
+    result, report = run_with_report(tmp_path, "--last-step", "50", "--poll", "1", "--log-file", log, "--",
+                                     sys.executable, "-c", code)
+    assert result.returncode == 0, result.stderr.decode()
+    assert report["reason"] == "target_reached"
+
+
+OPENED_BY_STOPSTEP = """
+def opened_by_stopstep(path):
+    import os, time
+    fds = f"/proc/{os.getppid()}/fd"
+    while not any(os.readlink(os.path.join(fds, fd)) == path for fd in os.listdir(fds)):
+        time.sleep(0.01)
+"""
+
+
+def test_a_rotated_logs_last_line_without_a_newline_counts(tmp_path):
+    log = tmp_path / "train.log"
+    code = OPENED_BY_STOPSTEP + textwrap.dedent(f"""
+        import os, time
+        with open({str(log)!r}, "a") as fh:
+            fh.write("step 1\\nstep 2\\nstep 3")  # no newline after the last
+        opened_by_stopstep({str(log)!r})  # stopstep has it open: now rotate it away
+        os.rename({str(log)!r}, {str(log)!r} + ".1")
+        open({str(log)!r}, "w").close()
+        time.sleep(60)
+    """)
+    result, report = run_with_report(tmp_path, "--last-step", "3", "--log-file", log, "--", sys.executable, "-c", code)
+    assert result.returncode == 0, result.stderr.decode()
+    assert report["reason"] == "target_reached" and report["last_step_seen"] == 3
+
+
+@pytest.mark.parametrize("what", ["tf-temporary-shard", "cut-zip64", "deep-json"])
+def test_a_checkpoint_that_breaks_a_completeness_check_is_not_complete(tmp_path, what):
+    ckpt = tmp_path / "ck"
+    ckpt.mkdir()
+    if what == "tf-temporary-shard":
+        (ckpt / "ckpt-5.index").write_bytes(b"x")
+        (ckpt / "ckpt-5.data-00000-of-00001.tempstate1").write_bytes(b"x")
+        (ckpt / "checkpoint").write_text('model_checkpoint_path: "ckpt-5"\n')
+        layout = "tf"
+    elif what == "cut-zip64":
+        (ckpt / "epoch=0-step=5.ckpt").write_bytes(b"PK\x03\x04" + b"\0" * 30 + b"PK\x06\x07" + b"\0" * 4 +
+                                                   b"PK\x05\x06" + b"\0" * 18)
+        layout = "lightning"
+    else:
+        (ckpt / "checkpoint-5").mkdir()
+        (ckpt / "checkpoint-5" / "trainer_state.json").write_text("[" * 100000)
+        layout = "hf"
+    result, report = run_with_report(tmp_path, "--last-step", "3", "--checkpoint-dir", ckpt, "--layout", layout,
+                                     "--", *trainer("--rate", "50"))
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"Traceback" not in result.stderr and report["last_checkpoint_step"] is None
+
+
+def _stopped_near(report, target, slack):
+    return report["reason"] == "target_reached" and target <= report["last_step_seen"] <= target + slack
+
+
+def test_a_checkpoint_directory_swapped_for_a_new_one_is_watched_anew(tmp_path):
+    ckpt = tmp_path / "ck"
+    ckpt.mkdir()
+    swap = (f"mkdir {ckpt}.new && mv -T {ckpt}.new {ckpt} && exec "
+            + " ".join(trainer("--rate", "10", "--checkpoint-dir", ckpt, "--layout", "hf", "--save-every", "10")))
+    result, report = run_with_report(tmp_path, "--last-step", "30", "--checkpoint-dir", ckpt, "--", "sh", "-c", swap)
+    assert result.returncode == 0, result.stderr.decode()
+    assert _stopped_near(report, 30, 5), report  # at once, not at the next safety look (2 s, 20 steps)
+
+
+def test_a_log_file_that_is_a_link_into_another_directory(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "links").mkdir()
+    real, log = tmp_path / "real" / "train.log", tmp_path / "links" / "train.log"
+    log.symlink_to(real)
+    result, report = run_with_report(tmp_path, "--last-step", "20", "--log-file", log, "--",
+                                     *trainer("--rate", "10", "--steps", "100", "--log-file", real))
+    assert result.returncode == 0, result.stderr.decode()
+    assert _stopped_near(report, 20, 5), report
+
+
+def test_a_fifo_is_read_as_soon_as_written(tmp_path):
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    writer = f"exec 3<>{fifo}; for i in $(seq 1 100); do echo \"step $i\" >&3; sleep 0.1; done"
+    result, report = run_with_report(tmp_path, "--last-step", "5", "--log-file", fifo, "--", "sh", "-c", writer)
+    assert result.returncode == 0, result.stderr.decode()
+    assert _stopped_near(report, 5, 3), report
+
+
+def test_the_second_link_of_a_chain_pointed_elsewhere(tmp_path):
+    for name in ("a", "b", "c1", "c2"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "b" / "ck2").symlink_to(tmp_path / "c1")
+    (tmp_path / "a" / "ck").symlink_to(tmp_path / "b" / "ck2")
+    given = tmp_path / "a" / "ck"
+    repoint = (f"ln -sfn {tmp_path / 'c2'} {tmp_path / 'b' / 'ck2'} && exec "
+               + " ".join(trainer("--rate", "10", *QUIET, "--checkpoint-dir", tmp_path / "c2", "--layout", "hf",
+                                  "--save-every", "5")))
+    result, report = run_with_report(tmp_path, "--last-step", "10", "--checkpoint-dir", given, "--layout", "hf",
+                                     "--", "sh", "-c", repoint)
+    assert result.returncode == 0, result.stderr.decode()
+    assert report["last_checkpoint_step"] == 10
+
+
+def test_two_sources_that_share_a_directory_keep_their_watches(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    log, ckpt = out / "train.log", out / "checkpoints" / "run1"
+    result, report = run_with_report(tmp_path, "--last-step", "30", "--log-file", log, "--checkpoint-dir", ckpt,
+                                     "--", *trainer("--rate", "10", "--log-file", log, "--checkpoint-dir", ckpt,
+                                                    "--layout", "hf", "--save-every", "10"))
+    assert result.returncode == 0, result.stderr.decode()
+    assert _stopped_near(report, 30, 5), report
+
+
+def test_a_directory_made_again_and_again_does_not_stop_inotify(tmp_path):
+    ckpt = tmp_path / "ck"
+    churn = f"for i in $(seq 1 50); do rm -rf {ckpt}; mkdir {ckpt}; done; " + " ".join(
+        trainer("--rate", "10", *QUIET, "--checkpoint-dir", ckpt, "--layout", "hf", "--save-every", "5"))
+    result, report = run_with_report(tmp_path, "--last-step", "10", "--checkpoint-dir", ckpt, "--", "sh", "-c", churn)
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"polling" not in result.stderr and report["last_checkpoint_step"] == 10
+
+
+def test_no_library_chatter_on_stderr(tmp_path):
+    ckpt = tmp_path / "ck"
+    result = run_stopstep("run", "--last-step", "20", "--checkpoint-dir", ckpt, "--pattern", r"step ([[:digit:]]+)",
+                          "--", *trainer("--rate", "50", "--checkpoint-dir", ckpt, "--layout", "hf",
+                                         "--save-every", "1"))
+    assert result.returncode == 0, result.stderr.decode()
+    foreign = [line for line in result.stderr.decode().splitlines()
+               if not line.startswith(("stopstep:", "trainer:", "Traceback", "  ", "KeyboardInterrupt"))]
+    assert foreign == [], foreign
