@@ -331,7 +331,8 @@ def scan(files, patterns, presets, checkpoint_dirs, layout, checkpoint_pattern, 
         bar of another total, a Keras bar before any `Epoch E/T` line, ...);
       - lines that looked like a step but matched no format: lines holding a word
         beginning with step, iter or epoch, num_updates, a count n/total or a
-        tqdm bar's %|; a few of each kind are shown, with line numbers.
+        tqdm bar's %|; the first line of the most frequent kinds is shown,
+        with its line number and the presets that would read it.
     Each --checkpoint-dir: every checkpoint in it with its step, complete or not
     and why, by its layout (--layout auto says which it detected).
 
@@ -344,9 +345,10 @@ def scan(files, patterns, presets, checkpoint_dirs, layout, checkpoint_pattern, 
                          formats: [{name, option, lines, first, last, highest,
                                     context_lines, passed_over: {count, kinds:
                                     [{why, count, line, text}]}}],
-                         unmatched: {count, kinds: [{count, line, text}]}}]
+                         unmatched: {count, kinds: [{count, line, text, presets}]}}]
                        first/last/highest: {step, line, text} or null; a kind's
-                       line and text are its first line's
+                       line and text are its first line's; presets: the presets
+                       not in use whose regex matches that line
       checkpoint_dirs  [{path, layout (null: none recognised), detected, entries,
                          step (latest complete, or null),
                          checkpoints: [{name, path, step, complete, why}],

@@ -38,7 +38,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import UsageError
 from .layouts import LAYOUT_NAMES, Layout, detect_layout, make_layout
-from .patterns import DEFAULT_FORMAT, StepFormat, clean_line
+from .patterns import DEFAULT_FORMAT, PRESETS, StepFormat, clean_line
 from .scanner import LineScanner, LineVerdict, _find_terminator, _rfind_terminator
 
 #: Bytes read at a time.
@@ -108,17 +108,20 @@ def _quote(text: str) -> str:
 
 
 class Sighting:
-    """One line: its step (if any), its line number and its text."""
+    """One line: its step (if any), its line number and its text; ``presets``: for a line
+    that matched nothing, the presets not in use that would read it."""
 
-    __slots__ = ("step", "line", "text")
+    __slots__ = ("step", "line", "text", "presets")
 
-    def __init__(self, step: Optional[int], line: int, text: str):
-        self.step, self.line, self.text = step, line, _shown(text)
+    def __init__(self, step: Optional[int], line: int, text: str, presets: Optional[List[str]] = None):
+        self.step, self.line, self.text, self.presets = step, line, _shown(text), presets
 
     def to_dict(self) -> dict:
         out = {"line": self.line, "text": self.text}
         if self.step is not None:
             out = {"step": self.step, **out}
+        if self.presets is not None:
+            out["presets"] = self.presets
         return out
 
 
@@ -129,13 +132,15 @@ class Kinds:
         self.count = 0
         self._kinds: Dict[object, list] = {}  # key -> [count, first Sighting]
 
-    def add(self, key, line: int, text: str) -> None:
+    def add(self, key, line: int, text: str, presets: Optional[Callable[[str], List[str]]] = None) -> None:
+        """Count a line of kind ``key``; ``presets(text)``, asked for the first line of a kind,
+        names the presets that would read it."""
         self.count += 1
         kind = self._kinds.get(key)
         if kind is not None:
             kind[0] += 1
         elif len(self._kinds) < MAX_KINDS:
-            self._kinds[key] = [1, Sighting(None, line, text)]
+            self._kinds[key] = [1, Sighting(None, line, text, presets(text) if presets else None)]
 
     def top(self, n: int = SHOWN) -> List[Tuple[object, int, Sighting]]:
         """The ``n`` most frequent kinds (earliest first among equals)."""
@@ -311,6 +316,13 @@ def scan_stream(read: Callable[[int], bytes], formats: Sequence[StepFormat], pat
     neither a format's anchor nor a hint of a step are not read: they cannot give one)."""
     result = LogScan(path, formats)
     scanner = LineScanner(formats, path)
+    others = [fmt for _name, fmt in sorted(PRESETS.items()) if fmt not in formats]
+
+    def readers(text: str) -> List[str]:
+        """The presets not in use whose regex (or context rule) matches a line that matched nothing."""
+        return [fmt.name for fmt in others
+                if fmt.regex.search(text) or (fmt.context is not None and fmt.context.regex.search(text))]
+
     tallies = {tally.format: tally for tally in result.tallies}
     lines = _Lines(_hits_regex(scanner), scanner.max_line)
 
@@ -330,7 +342,7 @@ def scan_stream(read: Callable[[int], bytes], formats: Sequence[StepFormat], pat
             elif verdict.context is None:
                 text = clean_line(raw)
                 if looks_like_a_step(text):
-                    result.unmatched.add(_shape(raw), number, text)
+                    result.unmatched.add(_shape(raw), number, text, readers)
 
     while True:
         data = read(CHUNK)
@@ -558,6 +570,9 @@ def _render_log(log: LogScan) -> List[str]:
         out.append(f"  looked like a step but matched no format: {_n(log.unmatched.count, 'line')}{more}")
         for _shape_key, count, first in log.unmatched.top():
             out.append(f"    {count:,} x like line {first.line:,}: {first.text}")
+            if first.presets:
+                readers = " or ".join(f"--preset {name}" for name in first.presets)
+                out.append(f"        {readers} would read {'it' if count == 1 else 'them'}")
         if kinds > SHOWN:
             out.append(f"    ... and {kinds - SHOWN} more kinds")
     best = log.highest

@@ -79,7 +79,9 @@ def test_the_human_answer(tmp_path):
         "  the default set  2 lines with a step: first step 5 at line 2, last 12 at line 4, highest 12 at line 4",
         "  looked like a step but matched no format: 2 lines, 2 kinds",
         "    1 x like line 1: Epoch 1/3",
+        "        --preset keras would read it",
         "    1 x like line 3: 50/100 ━━━━ 1s 10ms/step - loss: 0.1",
+        "        --preset keras would read it",
         "  highest step 12 at line 4 (the default set)",
     ]
 
@@ -131,7 +133,8 @@ def test_what_run_misses_the_scan_misses_too(tmp_path):
     scanner = LineScanner(formats, "stdout")
     assert scanner.feed(bytearray(line), len(line)) == []
     status, result = scan_json(log_file(tmp_path, line), "--pattern", r"step (?P<step>\d+)")
-    assert status == 1 and result["logs"][0]["unmatched"]["kinds"] == [{"count": 1, "line": 1, "text": "step 4"}]
+    assert status == 1
+    assert result["logs"][0]["unmatched"]["kinds"] == [{"count": 1, "line": 1, "text": "step 4", "presets": []}]
 
 
 def test_each_line_counts_for_the_first_format_that_gives_a_step(tmp_path):
@@ -142,7 +145,7 @@ def test_each_line_counts_for_the_first_format_that_gives_a_step(tmp_path):
     assert fmt(result, "pattern")["lines"] == 1 and fmt(result, "pattern")["first"]["step"] == 20
     assert fmt(result, "torchtitan")["lines"] == 0
     # the default set is not added to a preset, so "step 10" looked like a step
-    assert result["logs"][0]["unmatched"]["kinds"][0] == {"count": 1, "line": 1, "text": "step 10"}
+    assert result["logs"][0]["unmatched"]["kinds"][0] == {"count": 1, "line": 1, "text": "step 10", "presets": []}
 
 
 def test_lines_a_format_matched_without_a_step_say_why(tmp_path):
@@ -188,6 +191,13 @@ def test_lightning_log_through_scan(tmp_path):
     kinds = result["logs"][0]["unmatched"]["kinds"]
     assert [k["count"] for k in kinds] == [2, 1]  # the validation bars, then the sanity check
     assert kinds[0]["text"].startswith("Validation DataLoader 0:") and kinds[0]["line"] == 3
+    assert kinds[0]["presets"] == kinds[1]["presets"] == []  # no preset reads them
+    # read with the default set, the training bars are the lines that looked like a step, and
+    # the scan names the preset that reads them
+    status, out, _err = stopstep("scan", log_file(tmp_path, data))
+    assert status == 1
+    assert "    22 x like line 2: Epoch 0:   0%|##   | 0/10 [00:01<00:01, 9.00it/s, v_num=0, train_loss=0.5]\n" \
+           "        --preset lightning would read them\n" in out
 
 
 def test_only_a_few_kinds_of_unmatched_lines_are_shown(tmp_path):
