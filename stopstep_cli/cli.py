@@ -17,7 +17,13 @@ from .errors import StopstepError, UsageError
 from .hooks import StopAtStepHook
 from .layouts import LAYOUT_NAMES, make_layout
 from .outcome import EXIT_USAGE
-from .patterns import PRESETS, PatternError, compile_user_pattern, resolve_formats
+from .patterns import (
+    DEFAULT_FORMAT,
+    PRESETS,
+    PatternError,
+    compile_user_pattern,
+    resolve_formats,
+)
 from .progress import Progress, github_step_summary
 from .report import check_report_path, write_report
 from .signals import parse_stop_signal
@@ -328,14 +334,132 @@ def _file_sources(formats, log_files, from_start, checkpoint_dirs, layout, check
     return sources
 
 
-@cli.command()
+@cli.command(short_help="List the log formats (the default set, the presets) with a sample line each.")
 def presets() -> None:
-    """List the built-in log formats with a sample line each."""
+    """List the built-in log formats with a sample line each: the default set (what
+    runs without --pattern and --preset), then the presets (--preset NAME)."""
     width = max(len(name) for name in PRESETS)
+    lines = ["default set, used when neither --pattern nor --preset is given:",
+             f"{'':<{width}}  {DEFAULT_FORMAT.description}, with a loss after the step",
+             f"{'':<{width}}  e.g. {DEFAULT_FORMAT.sample.strip()}",
+             "", "presets (--preset NAME, repeatable):"]
     for name in sorted(PRESETS):
         fmt = PRESETS[name]
-        click.echo(f"{name:<{width}}  {fmt.description}")
-        click.echo(f"{'':<{width}}  e.g. {fmt.sample.strip()}")
+        lines.append(f"{name:<{width}}  {fmt.description}")
+        lines.append(f"{'':<{width}}  e.g. {fmt.sample.strip()}")
+    _print(lines)
+
+
+@cli.command(short_help="Show what run would read from saved logs and checkpoint directories.")
+@click.argument("files", nargs=-1, metavar="[FILE... | -]")
+@click.option("--pattern", "patterns", multiple=True, metavar="REGEX",
+              help="Regex with a named group 'step' (or one group), as for run. Repeatable.")
+@click.option("--preset", "presets", multiple=True, metavar="NAME",
+              help="Built-in log format (see `stopstep presets`). Repeatable.")
+@click.option("--checkpoint-dir", "checkpoint_dirs", multiple=True, metavar="DIR",
+              help="List the checkpoints in DIR, complete or not and why. Repeatable.")
+@click.option("--layout", type=click.Choice(("auto",) + LAYOUT_NAMES), default="auto", show_default=True,
+              help="How the checkpoints in --checkpoint-dir are named and finished.")
+@click.option("--checkpoint-pattern", metavar="REGEX",
+              help="Regex with a group 'step' matched against paths relative to --checkpoint-dir (generic layout).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (fields above).")
+def scan(files, patterns, presets, checkpoint_dirs, layout, checkpoint_pattern, as_json) -> int:
+    """Read saved logs (or stdin) and checkpoint directories the way `stopstep run` would.
+
+    \b
+    For each FILE (- or none: stdin) and each format (--pattern, --preset; none:
+    the default set), with the scanner `run` uses:
+      - how many lines gave a step, the first, last and highest step, with their
+        line numbers (lines end at \\n or \\r, as in run; numbers count \\n);
+      - lines the format matched but that gave no step, and why (an evaluation
+        bar of another total, a Keras bar before any `Epoch E/T` line, ...);
+      - lines that looked like a step but matched no format: lines holding a word
+        beginning with step, iter or epoch, num_updates, a count n/total or a
+        tqdm bar's %|; the first line of the most frequent kinds is shown,
+        with its line number and the presets that would read it.
+    Each --checkpoint-dir: every checkpoint in it with its step, complete or not
+    and why, by its layout (--layout auto says which it detected).
+
+    \b
+    --json prints one object:
+      found            a step was found (exit status 0)
+      step             the highest step in the logs and complete checkpoints, or null
+      formats          [{name, option}] the formats used ([] when no log is read)
+      logs             [{path ("-": stdin), lines, step (highest or null),
+                         formats: [{name, option, lines, first, last, highest,
+                                    context_lines, passed_over: {count, kinds:
+                                    [{why, count, line, text}]}}],
+                         unmatched: {count, kinds: [{count, line, text, presets}]}}]
+                       first/last/highest: {step, line, text} or null; a kind's
+                       line and text are its first line's; presets: the presets
+                       not in use whose regex matches that line
+      checkpoint_dirs  [{path, layout (null: none recognised), detected, entries,
+                         step (latest complete, or null),
+                         checkpoints: [{name, path, step, complete, why}],
+                         ignored: [{name, why}]}]
+
+    \b
+    Exit status: 0 a step was found (a line, or a complete checkpoint), 1 none,
+    2 usage error (an unreadable FILE, a bad regex, a missing directory, ...).
+
+    \b
+    Examples:
+      stopstep scan train.log --preset hf
+      python train.py 2>&1 | tee run.log | stopstep scan --preset lightning
+      stopstep scan --checkpoint-dir out
+      stopstep scan run.log --checkpoint-dir out --json
+    """
+    from . import scan as scanning
+
+    try:
+        formats = resolve_formats(patterns, presets)
+    except PatternError as exc:
+        raise UsageError(str(exc)) from None
+    if not checkpoint_dirs:
+        for given, option in ((layout != "auto", "--layout"), (checkpoint_pattern, "--checkpoint-pattern")):
+            if given:
+                raise UsageError(f"{option} needs --checkpoint-dir")
+    if checkpoint_pattern is not None:
+        if layout not in ("auto", "generic"):
+            raise UsageError(f"--checkpoint-pattern is for the generic layout, not --layout {layout}")
+        try:
+            compile_user_pattern(checkpoint_pattern)
+        except PatternError as exc:
+            raise UsageError(str(exc).replace("pattern", "--checkpoint-pattern", 1)) from None
+    if list(files).count("-") > 1:
+        raise UsageError("- (stdin) given more than once")
+    if not files and not checkpoint_dirs:
+        if is_terminal(0):
+            raise UsageError("give a FILE, - for stdin, or --checkpoint-dir DIR (stdin is a terminal)")
+        files = ("-",)
+    for path in files:  # every usage error before any output
+        if path != "-":
+            scanning.check_log_path(path)
+    for path in checkpoint_dirs:
+        scanning.check_checkpoint_dir(path)
+    surveys = [scanning.survey_checkpoints(path, layout, checkpoint_pattern) for path in checkpoint_dirs]
+    logs = [scanning.scan_log(path, formats) for path in files]
+    result = scanning.ScanResult(formats, logs, surveys)
+    if as_json:
+        import json
+
+        _print([json.dumps(result.to_dict(), indent=2, ensure_ascii=False)])
+    else:
+        _print(result.render())
+    return 0 if result.found else 1
+
+
+def _print(lines) -> None:
+    """Lines to stdout; a reader that stopped reading (| head) ends it quietly."""
+    try:
+        for line in lines:
+            click.echo(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        try:  # nothing more can reach it: stop the flush at exit from complaining
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
 
 
 @cli.command()

@@ -6,6 +6,11 @@ directory into a step, the names to ignore, the names that identify the
 layout) plus one small completeness check. A checkpoint being written is
 never taken as done: every check below follows the framework's own write
 order (the frameworks' own save code; README, "Checkpoint directories").
+
+Each check says *why* a checkpoint is not finished (a short reason, for
+``stopstep scan``) and None once it is: :meth:`Layout.is_complete` is that
+reason being None, so what a run counts and what ``scan`` explains are one
+check, never two that could disagree.
 """
 
 from __future__ import annotations
@@ -23,19 +28,20 @@ _ZIP64_LOCATOR = b"PK\x06\x07"
 _ZIP64_EOCD = b"PK\x06\x06"
 
 
-def zip_is_whole(path: str) -> bool:
-    """A zip archive (torch.save, .ckpt, .keras) whose end record parses and whose
-    central directory ends exactly where that record begins."""
+def zip_problem(path: str) -> Optional[str]:
+    """Why the zip archive at ``path`` (torch.save, .ckpt, .keras) is not whole, or None
+    when its end record parses and its central directory ends exactly where that
+    record begins."""
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             if size < 22:
-                return False
+                return f"{size} bytes: too short for a zip archive"
             tail_len = min(size, 22 + 65535 + 20)
             fh.seek(size - tail_len)
             tail = fh.read(tail_len)
-    except OSError:
-        return False
+    except OSError as exc:
+        return _unreadable(exc)
     pos = tail.rfind(_EOCD)
     while pos >= 0:
         if len(tail) - pos >= 22:
@@ -46,22 +52,36 @@ def zip_is_whole(path: str) -> bool:
                 eocd_at = size - tail_len + pos
                 if pos >= 20 and tail[pos - 20 : pos - 16] == _ZIP64_LOCATOR:
                     # zip64 (torch.save of large tensors): its own end record comes first
-                    return _zip64_is_whole(tail, pos, size - tail_len)
-                return cd_offset + cd_size == eocd_at
+                    return _zip64_problem(tail, pos, size - tail_len)
+                if cd_offset + cd_size == eocd_at:
+                    return None
+                return "zip central directory does not end at its end record (being rewritten?)"
         pos = tail.rfind(_EOCD, 0, pos)
-    return False
+    return "zip end record missing (still being written?)"
 
 
-def _zip64_is_whole(tail: bytes, eocd_pos: int, tail_start: int) -> bool:
+def zip_is_whole(path: str) -> bool:
+    """A zip archive (torch.save, .ckpt, .keras) whose end record parses and whose
+    central directory ends exactly where that record begins."""
+    return zip_problem(path) is None
+
+
+def _zip64_problem(tail: bytes, eocd_pos: int, tail_start: int) -> Optional[str]:
     loc = eocd_pos - 20
     if loc < 0 or tail[loc : loc + 4] != _ZIP64_LOCATOR:
-        return False
+        return "zip64 end record locator missing"
     (_sig, _disk, record_at, _disks) = struct.unpack("<4sIQI", tail[loc : loc + 20])
     rel = record_at - tail_start
     if rel < 0 or tail[rel : rel + 4] != _ZIP64_EOCD:
-        return False
+        return "zip64 end record missing"
     cd_size, cd_offset = struct.unpack("<QQ", tail[rel + 40 : rel + 56])
-    return cd_offset + cd_size == record_at
+    if cd_offset + cd_size == record_at:
+        return None
+    return "zip64 central directory does not end at its end record (being rewritten?)"
+
+
+def _unreadable(exc: OSError) -> str:
+    return f"cannot be read ({exc.strerror or exc})"
 
 
 def safetensors_is_whole(path: str) -> bool:
@@ -92,23 +112,30 @@ def read_pointer(path: str) -> Optional[str]:
     return text or None
 
 
-def _weights_whole(path: str) -> bool:
-    """The completeness rule for one weights file, by its kind."""
+def _weights_problem(path: str) -> Optional[str]:
+    """Why one weights file is not whole by the rule for its kind, or None. Raises OSError."""
     if path.endswith(".safetensors"):
-        return safetensors_is_whole(path)
+        return None if safetensors_is_whole(path) else "not a whole safetensors file"
     if path.endswith((".pt", ".pth", ".ckpt", ".bin", ".keras")):
         with open(path, "rb") as fh:
             magic = fh.read(4)
         # torch.save's legacy (non-zip) format has no end record: trust it once present
-        return zip_is_whole(path) if magic == b"PK\x03\x04" else bool(magic)
-    return True
+        if magic == b"PK\x03\x04":
+            return zip_problem(path)
+        return None if magic else "empty"
+    return None
 
 
-def _files_whole(directory: str, names: Iterable[str]) -> bool:
+def _files_problem(directory: str, names: Iterable[str]) -> Optional[str]:
+    """The first of ``names`` in ``directory`` that is not whole, with why; None if all are."""
     try:
-        return all(_weights_whole(os.path.join(directory, name)) for name in names)
-    except OSError:
-        return False
+        for name in names:
+            problem = _weights_problem(os.path.join(directory, name))
+            if problem is not None:
+                return f"{name}: {problem}"
+    except OSError as exc:
+        return _unreadable(exc)
+    return None
 
 
 # -- layouts ----------------------------------------------------------------------
@@ -120,15 +147,16 @@ class Layout:
     ``entry`` matches an entry name directly in the directory (a file or a
     directory) and gives its ``step``; ``ignore`` names entries that are never
     checkpoints (temporary ones); ``markers`` identify the layout for
-    ``--layout auto``; ``complete(layout, root, name, step)`` says whether that
-    checkpoint is finished. ``counts`` is "steps", or what else the number
-    counts. ``state`` is the little a check remembers between looks.
+    ``--layout auto``; ``problem(layout, root, name, step)`` says why that
+    checkpoint is not finished yet (a short reason), or None once it is.
+    ``counts`` is "steps", or what else the number counts. ``state`` is the
+    little a check remembers between looks.
     """
 
-    def __init__(self, name: str, entry: str, complete: Callable[["Layout", str, str, int], bool],
+    def __init__(self, name: str, entry: str, problem: Callable[["Layout", str, str, int], Optional[str]],
                  markers: str = "", ignore: str = r"^$", counts: str = "steps", description: str = "",
                  checkpoint_name: Callable[[str], str] = lambda name: name):
-        self.name, self.complete = name, complete
+        self.name, self.problem = name, problem
         self.checkpoint_name = checkpoint_name  # the entry -> what users call the checkpoint (TF: its prefix)
         self.markers, self.ignore, self.counts = markers, ignore, counts
         self.description = description
@@ -172,28 +200,44 @@ class Layout:
     def detect(self, names: Iterable[str]) -> bool:
         return any(self.markers_re.search(name) for name in names)
 
-    def is_complete(self, root: str, name: str, step: int) -> bool:
+    def why_incomplete(self, root: str, name: str, step: int) -> Optional[str]:
+        """Why the checkpoint ``name`` (of ``step``) in ``root`` is not finished, in a few
+        words; None when it is. A look, like :meth:`is_complete` (the generic rule
+        remembers it)."""
         try:
-            return bool(self.complete(self, root, name, step))
-        except (OSError, ValueError, AttributeError, struct.error, RecursionError, MemoryError):
-            # deleted or replaced while we looked, or not what the framework writes (a
-            # temporary shard name, a malformed archive, a state file nested too deep):
-            # not finished
-            return False
+            return self.problem(self, root, name, step)
+        except OSError as exc:  # deleted or replaced while we looked: not finished
+            return _unreadable(exc)
+        except (ValueError, AttributeError, struct.error, RecursionError, MemoryError) as exc:
+            # not what the framework writes (a malformed archive, a state file nested
+            # too deep): not finished, and say so rather than fail the run
+            return f"the check failed ({type(exc).__name__})"
 
-def _hf_complete(layout, root, name, step) -> bool:
+    def is_complete(self, root: str, name: str, step: int) -> bool:
+        return self.why_incomplete(root, name, step) is None
+
+
+def _hf_problem(layout, root, name, step) -> Optional[str]:
     import json
 
     try:
         with open(os.path.join(root, name, "trainer_state.json"), "rb") as fh:
             state = json.load(fh)
-    except (OSError, ValueError):
-        return False
-    return isinstance(state, dict) and state.get("global_step") == step
+    except OSError as exc:
+        return "trainer_state.json missing" if isinstance(exc, FileNotFoundError) else _unreadable(exc)
+    except ValueError:
+        return "trainer_state.json does not parse (still being written?)"
+    if not isinstance(state, dict):
+        return "trainer_state.json is not a JSON object"
+    if state.get("global_step") == step:
+        return None
+    if "global_step" not in state:
+        return "trainer_state.json has no global_step"
+    return f"global_step is {state['global_step']!r}, not {step}"
 
 
-def _lightning_complete(layout, root, name, step) -> bool:
-    return zip_is_whole(os.path.join(root, name))
+def _lightning_problem(layout, root, name, step) -> Optional[str]:
+    return zip_problem(os.path.join(root, name))
 
 
 _TF_STATE_LINE = re.compile(r'^(?:model_checkpoint_path|all_model_checkpoint_paths):\s*"(?P<path>[^"]*)"', re.M)
@@ -204,60 +248,88 @@ def _tf_prefix(name: str) -> str:
     return re.sub(r"\.(?:index|meta|data-\d+-of-\d+)$", "", name)
 
 
-def _tf_complete(layout, root, name, step) -> bool:
+def _tf_problem(layout, root, name, step) -> Optional[str]:
     state = read_pointer(os.path.join(root, "checkpoint"))
     if state is None:
-        return False
+        return "the state file `checkpoint` is missing or empty"
     prefix = _tf_prefix(name)
     named = {os.path.basename(m.group("path")) for m in _TF_STATE_LINE.finditer(state)}
-    if prefix not in named or not os.path.exists(os.path.join(root, prefix + ".index")):
-        return False
-    shards = [n for n in os.listdir(root) if n.startswith(prefix + ".data-")]
+    if prefix not in named:
+        return "not named in the checkpoint state file"
+    if not os.path.exists(os.path.join(root, prefix + ".index")):
+        return f"{prefix}.index missing"
+    # only finished shard names count: TF writes each under a temporary name first
+    shards = [m for m in (_TF_SHARD.fullmatch(n[len(prefix):]) for n in os.listdir(root)
+                          if n.startswith(prefix + ".data-")) if m]
     if not shards:
-        return False
-    total = int(_TF_SHARD.search(shards[0]).group(2))
-    return len({_TF_SHARD.search(n).group(1) for n in shards if _TF_SHARD.search(n)}) == total
+        return "no data shard"
+    total = int(shards[0].group(2))
+    present = len({m.group(1) for m in shards if int(m.group(2)) == total})
+    return None if present == total else f"{present} of its {total} data shards"
 
 
-def _deepspeed_complete(layout, root, name, step) -> bool:
+def _deepspeed_problem(layout, root, name, step) -> Optional[str]:
     tag = read_pointer(os.path.join(root, "latest"))
-    named = re.search(r"(\d+)$", tag or "")
-    if named is None or int(named.group(1)) < step:
-        return False
+    if tag is None:
+        return "`latest` missing or empty"
+    named = re.search(r"(\d+)$", tag)
+    if named is None:
+        return f"`latest` holds {tag[:40]!r}, which names no step"
+    if int(named.group(1)) < step:
+        return f"`latest` names {tag[:40]}"
     directory = os.path.join(root, name)
     states = [n for n in os.listdir(directory) if n.endswith("_states.pt")]
-    return bool(states) and _files_whole(directory, states)
+    if not states:
+        return "no *_states.pt file in it"
+    return _files_problem(directory, states)
 
 
-def _megatron_complete(layout, root, name, step) -> bool:
+def _megatron_problem(layout, root, name, step) -> Optional[str]:
     tracker = read_pointer(os.path.join(root, "latest_checkpointed_iteration.txt"))
-    return tracker is not None and tracker.isdigit() and int(tracker) >= step
+    if tracker is None:
+        return "latest_checkpointed_iteration.txt missing or empty"
+    if not tracker.isdigit():
+        return f"latest_checkpointed_iteration.txt says {tracker[:40]!r}, not an iteration"
+    return None if int(tracker) >= step else f"latest_checkpointed_iteration.txt says {tracker}"
 
 
-def _orbax_complete(layout, root, name, step) -> bool:
+def _orbax_problem(layout, root, name, step) -> Optional[str]:
     # On local disk the final name appears by rename, whole. Object stores have
     # no rename: there commit_success.txt marks a finished step, and once one
     # step directory has it, every step directory must.
     if os.path.exists(os.path.join(root, name, "commit_success.txt")):
         layout.state["commit_marker"] = True
-        return True
-    return os.path.isdir(os.path.join(root, name)) and not layout.state.get("commit_marker")
+        return None
+    if not os.path.isdir(os.path.join(root, name)):
+        return "not a directory"
+    if layout.state.get("commit_marker"):
+        return "commit_success.txt missing (other step directories have one)"
+    return None
 
 
-def _torchtitan_complete(layout, root, name, step) -> bool:
+def _torchtitan_problem(layout, root, name, step) -> Optional[str]:
     directory = os.path.join(root, name)
-    return os.path.exists(os.path.join(directory, ".metadata")) or os.path.exists(
+    if os.path.exists(os.path.join(directory, ".metadata")) or os.path.exists(
         os.path.join(directory, "model.safetensors.index.json")
-    )
+    ):
+        return None
+    return ".metadata missing"
 
 
-def _mmengine_complete(layout, root, name, step) -> bool:
+def _mmengine_problem(layout, root, name, step) -> Optional[str]:
     pointer = read_pointer(os.path.join(root, "last_checkpoint"))
     named = layout.step_of(os.path.basename(pointer or ""))
-    return named is not None and named >= step and zip_is_whole(os.path.join(root, name))
+    if pointer is None:
+        return "last_checkpoint missing or empty"
+    if named is None:
+        return f"last_checkpoint names {os.path.basename(pointer)[:60]!r}, not an iter_N.pth"
+    if named < step:
+        return f"last_checkpoint names {os.path.basename(pointer)}"
+    return zip_problem(os.path.join(root, name))
 
 
-def _composer_complete(layout, root, name, step) -> bool:
+def _composer_problem(layout, root, name, step) -> Optional[str]:
+    pointed = []
     for entry in os.listdir(root):
         if entry.startswith("latest-rank0"):
             try:
@@ -266,33 +338,38 @@ def _composer_complete(layout, root, name, step) -> bool:
                 continue
             named = layout.step_of(target)
             if named is not None and named >= step:
-                return zip_is_whole(os.path.join(root, name))
-    return False
+                return zip_problem(os.path.join(root, name))
+            pointed.append(f"{entry} points at {target}")
+    return "; ".join(pointed) if pointed else "no latest-rank0 symlink"
 
 
-def _fairseq_complete(layout, root, name, step) -> bool:
-    return zip_is_whole(os.path.join(root, name))
+def _fairseq_problem(layout, root, name, step) -> Optional[str]:
+    return zip_problem(os.path.join(root, name))
 
 
-def _generic_complete(layout, root, name, step) -> bool:
+def _generic_problem(layout, root, name, step) -> Optional[str]:
     """Size and modification time unchanged across two looks at least ``settle`` apart."""
     path = os.path.join(root, name)
     signature = _tree_signature(path)
     if signature is None:
-        return False
+        return "gone, or a file in it could not be read"
     looks = layout.state.setdefault("looks", {})
     now = time.monotonic()
     settle = layout.state.get("settle", 1.0)
     seen = looks.get(name)
     if seen is None and time.time() - signature[2] / 1e9 >= settle:
-        return True  # untouched for longer than a look would wait
+        return None  # untouched for longer than a look would wait
     if seen is None or seen[0] != signature:
         looks[name] = (signature, now)
-        return False
+        return f"changed within the last {_seconds(settle)}" if seen is None else "changed since the last look"
     if now - seen[1] >= settle:
         looks.pop(name, None)
-        return True
-    return False
+        return None
+    return f"unchanged for {now - seen[1]:.1f} s of the {_seconds(settle)} it must stay so"
+
+
+def _seconds(seconds: float) -> str:
+    return "second" if seconds == 1 else f"{seconds:g} s"
 
 
 def _tree_signature(path: str) -> Optional[Tuple[int, int, int]]:
@@ -321,7 +398,7 @@ def _layouts() -> Dict[str, Layout]:
             Layout(
                 "hf",
                 r"^checkpoint-(?P<step>\d+)$",
-                _hf_complete,
+                _hf_problem,
                 markers=r"^(?:tmp-)?checkpoint-\d+$",
                 ignore=r"^tmp-",
                 description="Hugging Face Trainer: checkpoint-N/, done when trainer_state.json has global_step N",
@@ -329,14 +406,14 @@ def _layouts() -> Dict[str, Layout]:
             Layout(
                 "lightning",
                 r"(?:^|[-_])step=(?P<step>\d+)(?:-v\d+)?\.ckpt$",
-                _lightning_complete,
+                _lightning_problem,
                 markers=r"(?:step=\d+.*|^last)\.ckpt$",
                 description="PyTorch Lightning ModelCheckpoint: epoch=E-step=N.ckpt, done when the zip archive is whole",
             ),
             Layout(
                 "tf",
                 r"^(?:.*[-_.])?ckpt-(?P<step>\d+)\.index$",
-                _tf_complete,
+                _tf_problem,
                 markers=r"^checkpoint$|ckpt-\d+\.index$",
                 counts="saves, unless CheckpointManager.save(checkpoint_number=step) (TF Estimator's model.ckpt-N is the step)",
                 checkpoint_name=_tf_prefix,
@@ -345,41 +422,41 @@ def _layouts() -> Dict[str, Layout]:
             Layout(
                 "deepspeed",
                 r"^global_step(?P<step>\d+)$",
-                _deepspeed_complete,
+                _deepspeed_problem,
                 markers=r"^latest$|^global_step\d+$",
                 description="DeepSpeed: global_stepN/, done when `latest` names it and every *_states.pt is whole",
             ),
             Layout(
                 "megatron",
                 r"^iter_(?P<step>\d{7})$",
-                _megatron_complete,
+                _megatron_problem,
                 markers=r"^latest_checkpointed_iteration\.txt$|^iter_\d{7}$",
                 description="Megatron-LM: iter_000000N/, done when latest_checkpointed_iteration.txt says N or more",
             ),
             Layout(
                 "torchtitan",
                 r"^step-(?P<step>\d+)$",
-                _torchtitan_complete,
+                _torchtitan_problem,
                 description="torchtitan / torch.distributed.checkpoint: step-N/, done when its .metadata exists",
             ),
             Layout(
                 "mmengine",
                 r"^iter_(?P<step>\d+)\.pth$",
-                _mmengine_complete,
+                _mmengine_problem,
                 markers=r"^last_checkpoint$|^iter_\d+\.pth$",
                 description="MMEngine: iter_N.pth, done when last_checkpoint names it (or a later one) and it is whole; epoch_N.pth counts epochs and is ignored",
             ),
             Layout(
                 "composer",
                 r"^ep\d+-ba(?P<step>\d+)-rank0\.pt$",
-                _composer_complete,
+                _composer_problem,
                 markers=r"^ep\d+-ba\d+-rank\d+\.pt$|^latest-rank0",
                 description="MosaicML Composer: ep{E}-ba{N}-rank0.pt, done when the latest-rank0.pt symlink points at it (or later)",
             ),
             Layout(
                 "fairseq",
                 r"^checkpoint_\d+_(?P<step>\d+)\.pt$",
-                _fairseq_complete,
+                _fairseq_problem,
                 markers=r"^checkpoint_\d+_\d+\.pt$|^checkpoint_last\.pt$",
                 ignore=r"\.tmp$",
                 description="fairseq: checkpoint_E_N.pt (N = num_updates), never .tmp, done when the zip archive is whole",
@@ -387,7 +464,7 @@ def _layouts() -> Dict[str, Layout]:
             Layout(
                 "orbax",
                 r"^(?:.*_)?(?P<step>\d+)$",
-                _orbax_complete,
+                _orbax_problem,
                 markers=r"^\d+$|\.orbax-checkpoint-tmp",
                 ignore=r"\.orbax-checkpoint-tmp",
                 description="JAX orbax CheckpointManager: step directories N (or prefix_N); never a *.orbax-checkpoint-tmp-* one; commit_success.txt where present",
@@ -395,7 +472,7 @@ def _layouts() -> Dict[str, Layout]:
             Layout(
                 "generic",
                 r"(?P<step>\d+)(?!.*\d)",
-                _generic_complete,
+                _generic_problem,
                 markers=r"(?!)",  # never detected: chosen with --layout generic or --checkpoint-pattern
                 description="anything else: the last number in an entry's name (or --checkpoint-pattern), done when its size and mtime are unchanged over two looks",
             ),

@@ -144,6 +144,14 @@ def _keras_step(match: re.Match, state: dict) -> Optional[int]:
     return step
 
 
+def _lightning_step(match: re.Match, state: dict) -> Optional[int]:
+    # "Epoch E: ... n/total": n batches done in the 0-based epoch E of total batches each.
+    step = step_int(match.group("epoch")) * step_int(match.group("total")) + step_int(match.group("step"))
+    if step >= 10 ** MAX_STEP_DIGITS:
+        raise NotAStep(f"epoch {match.group('epoch')} of {match.group('total')}")
+    return step
+
+
 def _keras_epoch(match: re.Match, state: dict) -> None:
     state["epoch"] = step_int(match.group("epoch"))
 
@@ -304,6 +312,24 @@ PRESETS: Dict[str, StepFormat] = {
             "epoch 001:    100 / 1000 loss=9.87, ppl=935.2, num_updates=100, lr=0.0001",
             "fairseq train_inner lines, plain or JSON; 1e+06 and above are printed to 6 digits",
             _scientific_step,
+        ),
+        _fmt(
+            "lightning",
+            # TQDMProgressBar's training bar: desc "Epoch {current_epoch}" (0-based), then tqdm's
+            # "{desc}: {percentage:3.0f}%|{bar}| {n}/{total} [{elapsed}<{remaining}, {rate}{postfix}]",
+            # the postfix being ", key=value" per metric. Its other bars are described
+            # "Validation", "Sanity Checking", "Testing", "Predicting" (+ " DataLoader i"): not "Epoch ".
+            # The loss is the first ", train_loss=" / ", loss=" (or their "_step" forms) of the
+            # postfix; "val_loss" and "train_loss_epoch" are not it.
+            r"^\s*Epoch (?P<epoch>\d+): +\d+%\|[^|]*\| *(?P<step>\d+)/(?P<total>\d+) \["
+            r"(?:.*?, (?:train_)?loss(?:_step)?=" + _LOSS + ")?",
+            ["Epoch "],
+            "Epoch 2:  45%|████▌     | 45/100 [00:01<00:02, 40.00it/s, v_num=0, train_loss=0.123]",
+            "PyTorch Lightning 2.x tqdm bar (its default without rich): `Epoch E: n/total` is E*total + n "
+            "(E 0-based), with train_loss; validation, sanity-check, test and predict bars are ignored. It counts "
+            "batches: with accumulate_grad_batches=k, Lightning's global_step is 1/k of it",
+            _lightning_step,
+            live=True,
         ),
         _fmt(
             "keras",

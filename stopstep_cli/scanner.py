@@ -91,6 +91,27 @@ LIVE_RETRY = 1024
 _FIRST_WINDOW = 256
 
 
+class LineVerdict:
+    """What :meth:`LineScanner.read_line` made of one whole line.
+
+    ``observation`` is the step it gives (None: none) and ``format`` the format
+    that gave it (the first, in the formats' order, whose regex matches and whose
+    conversion gives a step); ``context`` the format whose context rule the line
+    is (Keras' ``Epoch 3/10``), if any; ``passed_over`` the formats whose regex
+    matched it but that gave no step, each with why (an evaluation bar of
+    another total, a Keras bar before any ``Epoch`` line, a number too long to
+    be a step).
+    """
+
+    __slots__ = ("observation", "format", "context", "passed_over")
+
+    def __init__(self) -> None:
+        self.observation: Optional[Observation] = None
+        self.format: Optional[StepFormat] = None
+        self.context: Optional[StepFormat] = None
+        self.passed_over: List[Tuple[StepFormat, str]] = []
+
+
 class LineScanner:
     """Finds the steps in the reads of one stream.
 
@@ -101,6 +122,8 @@ class LineScanner:
       a last line left without its terminator, if any (every format).
     - ``notes``: messages for the caller to show once, with ``-v`` (a number too
       long to be a step, at most once per scanner); the caller may clear it.
+    - ``read_line(raw)``: one whole line, read as ``feed`` reads each line it
+      examines, with what matched it (for ``stopstep scan``).
     """
 
     def __init__(self, formats: Sequence[StepFormat], source: str, max_line: int = MAX_LINE, kind: str = OUTPUT,
@@ -158,6 +181,23 @@ class LineScanner:
             self._grow_carry(buf, last + 1, n)
             self._read_partial(out)
         return out
+
+    def read_line(self, raw: bytes) -> LineVerdict:
+        """One whole line (without its terminator), read exactly as :meth:`feed` reads
+        each line it examines: its first ``max_line`` bytes, cleaned; its context applied
+        to this scanner's state, then the first format that gives a step. The verdict says
+        which format gave the step, and which matched but gave none.
+
+        It reads every line it is given: it does not pass over lines the way ``feed``
+        does when more than ``max_lines`` candidate lines come in one read (those are
+        counted, not read; the highest step of a read is among its last lines)."""
+        verdict = LineVerdict()
+        raw = bytes(raw[: self.max_line])
+        self._now = time.monotonic()
+        if self.context_anchors:
+            self._apply_context(raw, verdict)
+        verdict.observation = self._match(raw, verdict=verdict)
+        return verdict
 
     def end_of_stream(self) -> List[Observation]:
         """The stream has ended: a last line without a terminator counts now, for every format."""
@@ -248,8 +288,10 @@ class LineScanner:
 
     # -- lines ------------------------------------------------------------
 
-    def _match(self, raw: bytes, partial: bool = False, anchored: bool = False) -> Optional[Observation]:
-        """The step in one line, if any; ``anchored``: a step anchor is known to be in it."""
+    def _match(self, raw: bytes, partial: bool = False, anchored: bool = False,
+               verdict: Optional[LineVerdict] = None) -> Optional[Observation]:
+        """The step in one line, if any; ``anchored``: a step anchor is known to be in it.
+        ``verdict``: where to say which format gave it and which matched without a step."""
         if self.anchors is not None and not anchored:
             for anchor in self.anchors:
                 if anchor in raw:
@@ -271,9 +313,15 @@ class LineScanner:
                 step = fmt.to_step(match, self.states[fmt.name])
             except NotAStep:
                 self._note_too_long(text)
+                if verdict is not None:
+                    verdict.passed_over.append((fmt, f"a number of more than {MAX_STEP_DIGITS} digits is not a step"))
                 continue
             if step is not None:
+                if verdict is not None:
+                    verdict.format = fmt
                 return Observation(step, fields, self.source, kind=self.kind, line=text.strip(), time=self._now)
+            if verdict is not None:
+                verdict.passed_over.append((fmt, _no_step_reason(fmt, match, self.states[fmt.name])))
         return None
 
     def _note_too_long(self, text: str) -> None:
@@ -339,8 +387,8 @@ class LineScanner:
             if pos <= a:
                 return
 
-    def _apply_context(self, raw: bytes) -> bool:
-        """Apply ``raw`` if it is a context line; whether it was."""
+    def _apply_context(self, raw: bytes, verdict: Optional[LineVerdict] = None) -> bool:
+        """Apply ``raw`` if it is a context line; whether it was (``verdict.context``: whose)."""
         text = None
         applied = False
         for fmt, rule in self.contexts:
@@ -352,12 +400,29 @@ class LineScanner:
                 try:
                     rule.apply(match, self.states[fmt.name])
                     applied = True
+                    if verdict is not None:
+                        verdict.context = fmt
                 except NotAStep:
                     self._note_too_long(text)
         return applied
 
 
 _COUNTING_GROUPS = ("step", "step2", "total")
+
+
+def _no_step_reason(fmt: StepFormat, match, state: dict) -> str:
+    """Why a line that a format's regex matched gave no step (for :class:`LineVerdict`)."""
+    groups = match.re.groupindex
+    locked = state.get("total")
+    if "total" in groups and locked is not None and (match.group("total").lstrip("0") or "0") != str(locked):
+        return f"its total {match.group('total')} is not the first bar's {locked}: another bar (evaluation?)"
+    if fmt.context is not None and not state:
+        return "no context line before it (Keras: no `Epoch E/T` line yet)"
+    group = "step" if "step" in groups else 1 if match.re.groups == 1 else None
+    text = match.group(group) if group is not None else None
+    if group is not None and (text is None or not text.isdigit()):
+        return "its step group did not match" if text is None else f"its step group holds {text[:20]!r}, not a number"
+    return "the format gives no step for it"
 
 
 def _ends_at(match, names, end: int) -> bool:
