@@ -42,6 +42,25 @@ _PUBLIC = {
 
 __all__ = sorted(_PUBLIC)
 
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:  # what type checkers see (py.typed); at run time names load on first use
+    from .hooks import (  # noqa: F401
+        Coordinator,
+        SessionRunArgs,
+        SessionRunContext,
+        SessionRunHook,
+        SessionRunValues,
+        StopAtStepHook,
+        TrainingSession,
+    )
+    from .observation import Observation  # noqa: F401
+    from .patterns import DEFAULT_FORMAT, PRESETS, StepFormat, compile_user_pattern  # noqa: F401
+    from .report import RunReport  # noqa: F401
+    from .sources import CheckpointSource, LogFileSource  # noqa: F401
+    from .standard_hooks import NanLossHook, StallHook, TimeLimitHook  # noqa: F401
+    from .supervisor import Supervisor  # noqa: F401
+
 
 def __getattr__(name):
     module = _PUBLIC.get(name)

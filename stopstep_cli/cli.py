@@ -12,11 +12,12 @@ from typing import Optional, Sequence
 import click
 
 from . import __version__
+from .channel import CHANNEL_ENV, DISABLE_ENV, TARGET_ENV
 from .console import NORMAL, QUIET, VERBOSE, Console
 from .errors import StopstepError, UsageError
 from .hooks import StopAtStepHook
 from .layouts import LAYOUT_NAMES, make_layout
-from .outcome import EXIT_USAGE
+from .outcome import EXIT_STATUSES, EXIT_USAGE
 from .patterns import (
     DEFAULT_FORMAT,
     PRESETS,
@@ -77,13 +78,50 @@ class _SignalType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: The environment variables stopstep reads, and the ones it sets for the command:
+#: (name, who reads it, what it means). ``run --help`` and docs/command-line.md list them.
+ENVIRONMENT = (
+    ("STOPSTEP_LAST_STEP", "stopstep", "the target when neither --last-step nor --num-steps is given"),
+    ("STOPSTEP_NUM_STEPS", "stopstep", "the same for --num-steps (set only one of the two)"),
+    ("STOPSTEP_COOPERATIVE", "stopstep", "1/0, true/false: --cooperative / --no-cooperative"),
+    ("GITHUB_STEP_SUMMARY", "stopstep", "a file: the run's summary is appended to it as Markdown"),
+    ("_STOPSTEP_COMPLETE", "stopstep", "bash_source, zsh_source or fish_source: print shell completion"),
+    ("PYTHONPATH", "the command", "stopstep puts its in-process side first on it (with --cooperative)"),
+    (CHANNEL_ENV, "the command", "set by stopstep: where the command's Python processes report steps"),
+    (TARGET_ENV, "the command", "set by stopstep: the absolute target step (empty while not known)"),
+    (DISABLE_ENV, "the command", "set it to 1 in a process to keep the in-process side out of it"),
+)
+
+
+class _RunCommand(click.Command):
+    """``run``, whose help ends with its exit statuses and environment variables
+    (wrapped to the terminal as the options are)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Exit status"):
+            formatter.write_dl([(row.status, row.brief) for row in EXIT_STATUSES])
+        with formatter.section("Environment"):
+            formatter.write_dl([(name, what) for name, _who, what in ENVIRONMENT])
+        formatter.write_paragraph()
+        formatter.write_text("The reference: docs/command-line.md and docs/exit-status.md in stopstep's source.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
 @click.version_option(__version__, prog_name="stopstep")
-def cli() -> None:
-    """Supervise a training command and stop it cleanly at a global step."""
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Supervise a training command and stop it cleanly at a global step.
+
+    \b
+    Start with:
+      stopstep run --last-step 5000 -- python train.py
+      stopstep run --help
+    """
+    if ctx.invoked_subcommand is None:  # bare `stopstep`: the help, and a success
+        click.echo(ctx.get_help())
 
 
-@cli.command(context_settings=_RUN_CONTEXT)
+@cli.command(cls=_RunCommand, context_settings=_RUN_CONTEXT)
 @click.option("--last-step", type=click.IntRange(0, MAX_STEP), metavar="N",
               help="Stop once the global step is >= N (absolute). [env: STOPSTEP_LAST_STEP]")
 @click.option("--num-steps", type=click.IntRange(0, MAX_STEP), metavar="N",
@@ -99,7 +137,8 @@ def cli() -> None:
 @click.option("--checkpoint-dir", "checkpoint_dirs", multiple=True, metavar="DIR",
               help="Also take each finished checkpoint in DIR as a step; the latest at launch is the start step. Repeatable.")
 @click.option("--layout", type=click.Choice(("auto",) + LAYOUT_NAMES), default="auto", show_default=True,
-              help="How the checkpoints in --checkpoint-dir are named and finished.")
+              metavar="NAME", help="How the checkpoints in --checkpoint-dir are named and finished: "
+                                   "auto or one of `stopstep layouts`.")
 @click.option("--checkpoint-pattern", metavar="REGEX",
               help="Regex with a group 'step' matched against paths relative to --checkpoint-dir (generic layout).")
 @click.option("--poll", type=_Seconds(3600, minimum=0.01), metavar="SECONDS",
@@ -359,7 +398,8 @@ def presets() -> None:
 @click.option("--checkpoint-dir", "checkpoint_dirs", multiple=True, metavar="DIR",
               help="List the checkpoints in DIR, complete or not and why. Repeatable.")
 @click.option("--layout", type=click.Choice(("auto",) + LAYOUT_NAMES), default="auto", show_default=True,
-              help="How the checkpoints in --checkpoint-dir are named and finished.")
+              metavar="NAME", help="How the checkpoints in --checkpoint-dir are named and finished: "
+                                   "auto or one of `stopstep layouts`.")
 @click.option("--checkpoint-pattern", metavar="REGEX",
               help="Regex with a group 'step' matched against paths relative to --checkpoint-dir (generic layout).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (fields above).")

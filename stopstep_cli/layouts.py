@@ -5,7 +5,7 @@ A :class:`Layout` is data (the regex that turns an entry of the checkpoint
 directory into a step, the names to ignore, the names that identify the
 layout) plus one small completeness check. A checkpoint being written is
 never taken as done: every check below follows the framework's own write
-order (the frameworks' own save code; README, "Checkpoint directories").
+order (the frameworks' own save code; docs/sources.md, "Checkpoint directories").
 
 Each check says *why* a checkpoint is not finished (a short reason, for
 ``stopstep scan``) and None once it is: :meth:`Layout.is_complete` is that

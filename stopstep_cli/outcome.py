@@ -8,7 +8,7 @@ spells a reason or an exit status.
 from __future__ import annotations
 
 import signal
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 # -- why a run ended (the report's ``reason``) ----------------------------------------
 
@@ -46,6 +46,68 @@ REASON_EXIT = {
     NAN_LOSS: EXIT_NAN_LOSS,
     HOOK_ERROR: EXIT_HOOK_FAILED,
 }
+
+
+class ExitStatus(NamedTuple):
+    """One row of the exit-status table: ``run --help`` prints ``brief``, docs/exit-status.md
+    ``detail`` (generated from here: scripts/docs_tables.py)."""
+
+    status: str
+    brief: str
+    detail: str
+    reasons: Tuple[str, ...] = ()  # the report's reasons that give it
+
+
+#: Every exit status of ``stopstep run``, in the order a reader looks them up.
+EXIT_STATUSES: Tuple[ExitStatus, ...] = (
+    ExitStatus("0", "target reached and the tree down within the grace period; or the command exited 0",
+               "the target was reached and the whole tree exited within the grace period, whatever status "
+               "the stop gave the command (130 for SIGINT is a clean stop); or the command exited 0 by itself "
+               "(without `--require-target`, or after reaching the target)", (TARGET_REACHED, PROCESS_EXITED)),
+    ExitStatus("the command's", "the command exited by itself before the target (128+n: signal n killed it)",
+               "the command exited by itself before the target: its exit status, or 128+n when signal n "
+               "killed it", (PROCESS_EXITED,)),
+    ExitStatus(str(EXIT_USAGE), "usage error (one line on stderr; nothing was started)",
+               "usage error: a bad option or value, both targets or neither, a bad regex, an unknown preset, "
+               "layout or signal, no command, a report path that cannot work, a `--checkpoint-dir` that is a "
+               "file or a `--log-file` that is a directory, a hook that cannot be loaded. One line on stderr; "
+               "nothing was started"),
+    ExitStatus(str(EXIT_TARGET_NOT_REACHED), "--require-target and the command exited 0 before the target",
+               "`--require-target` and the command exited 0 before reaching the target", (PROCESS_EXITED,)),
+    ExitStatus(str(EXIT_NAN_LOSS), "--stop-on-nan: the loss was NaN or infinite",
+               "`--stop-on-nan`: the loss was NaN or infinite", (NAN_LOSS,)),
+    ExitStatus(str(EXIT_HOOK_FAILED), "a hook failed: it raised, overran --hook-timeout or asked the impossible",
+               "a hook failed: it raised (anything, `SystemExit` and `KeyboardInterrupt` included), did not "
+               "return within `--hook-timeout`, or asked for something impossible (`request_stop` with a "
+               "reason that is not a string or an exit status outside 0-255, a `deadline()` that is not a "
+               "number). Its traceback is printed and the tree brought down", (HOOK_ERROR,)),
+    ExitStatus(str(EXIT_TIMEOUT), "--stall-timeout, --first-step-timeout or --time-limit",
+               "`--stall-timeout` / `--first-step-timeout` (reason `stalled`) or `--time-limit` (reason "
+               "`time_limit`), as coreutils `timeout`. Whether SIGKILL was needed is in the report's "
+               "`killed`, not in the status", (STALLED, TIME_LIMIT)),
+    ExitStatus(str(EXIT_OWN_FAILURE), "stopstep's own failure (the report could not be written; not Linux)",
+               "stopstep's own failure: the report could not be written at the end (the tree is stopped all "
+               "the same), or not on Linux"),
+    ExitStatus(str(EXIT_NOT_EXECUTABLE), "the command is not executable",
+               "the command is not executable (no permission, a directory, not a valid executable); the "
+               "report says `launch_failed`", (LAUNCH_FAILED,)),
+    ExitStatus(str(EXIT_NOT_FOUND), "the command was not found",
+               "the command was not found (or is empty); the report says `launch_failed`", (LAUNCH_FAILED,)),
+    ExitStatus("128+n", "stopstep received signal n (130 INT, 143 TERM); wins over every other status",
+               "stopstep itself received terminating signal n (INT 130, HUP 129, QUIT 131, ALRM 142, TERM "
+               "143: `docker stop`, Kubernetes, SLURM at the time limit) in any phase, passed it on and "
+               "brought the tree down first. This wins over every other status; the report keeps the first "
+               "cause as its `reason`", (SIGNAL,)),
+    ExitStatus(str(EXIT_KILLED), "a stop that would have exited 0 needed SIGKILL after the grace period",
+               "a stop that would otherwise have exited 0 (the target, or a hook's stop with status 0) "
+               "needed SIGKILL after the grace period. Other stops keep their own status and say "
+               "`killed: true` in the report", (TARGET_REACHED, HOOK_REQUESTED)),
+    ExitStatus("the command's, or 1", "--stop-after-checkpoint: the command exited and no checkpoint came",
+               "`--stop-after-checkpoint`: the command exited while stopstep waited for a checkpoint at or "
+               "past the target, and none came; 1 if the command's own status was 0", (CHECKPOINT_MISSING,)),
+    ExitStatus("a hook's own", "a hook's request_stop(exit_code=N)",
+               "a hook's `request_stop(reason=..., exit_code=N)`", (HOOK_REQUESTED,)),
+)
 
 
 def exit_for_signal(signum: int) -> int:

@@ -4,8 +4,9 @@ A :class:`StepFormat` is data: a regex matched against one cleaned line, the
 literal *anchors* that any matching line must contain (so that the output pump
 can skip whole reads with a fast ``bytes.find`` before running any regex), and
 a small conversion from the match to a global step. The framework presets are
-listed once, in :data:`PRESETS`; ``../shared/reference/frameworks.md`` is where
-their formats come from.
+listed once, in :data:`PRESETS`; each preset's regex follows its framework's
+own logging code (what it prints, and whether the step is printed before or
+after the update).
 
 Matching time must not depend on how a hostile line is shaped, because the
 output pump stops while a regex runs. So:

@@ -13,7 +13,7 @@ from .outcome import PROCESS_EXITED
 
 
 class RunReport:
-    """The summary of a run: what ``--report`` writes (the README's table says what each field means)."""
+    """The summary of a run: what ``--report`` writes (docs/exit-status.md says what each field means)."""
 
     #: The fields, in the order written, with their defaults.
     FIELDS = (
