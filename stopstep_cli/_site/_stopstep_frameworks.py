@@ -106,8 +106,9 @@ def attach_lightning(module):
         it after the LightningModule's own epoch-end hook), and may save the stop step by
         itself: at this batch end (``every_n_train_steps``), at the validation that the stop
         brings on, or at the end of the epoch the stop ends. So the check comes right after
-        its ``on_train_epoch_end`` (wrapped on the instance for that one call), where the
-        loop still says "in the epoch, this batch done", as in ModelCheckpoint's own saves:
+        its ``on_train_epoch_end`` (wrapped on the instance from the stop's batch end to
+        ``on_train_end``), where the loop still says "in the epoch, this batch done", as in
+        ModelCheckpoint's own saves:
         a checkpoint written later, in ``on_train_end``, has the epoch counted as finished
         and a resumed run would skip the rest of it *and* the same number of batches of the
         next. ``on_train_end`` only catches a stop whose epoch end never came.
