@@ -63,9 +63,11 @@ def attach_transformers(module):
             # DefaultFlowCallback, before us, set should_log when this step logs: its
             # loss comes in on_log right after, so the step's report waits for it.
             defer = bool(control.should_log)
-            if client().step_end("hf", state.global_step, values, report=not defer):
-                control.should_save = True
+            current = client()
+            if current.step_end("hf", state.global_step, values, report=not defer):
                 control.should_training_stop = True
+                if current.saves_at_stop():
+                    control.should_save = True
             if defer:
                 self._deferred = (state.global_step, values)
             return control
@@ -97,13 +99,26 @@ def attach_lightning(module):
     Callback = module.Callback
 
     class StopstepLightningCallback(Callback):
-        """stopstep: stop at the stop step, and make sure a checkpoint at that step is
-        written where (and as) each ModelCheckpoint of the run writes."""
+        """stopstep: stop at the stop step, and make sure each ModelCheckpoint of the run has
+        a checkpoint at that step, written by its own machinery while the epoch is still open.
+
+        ModelCheckpoint runs after every other callback (Lightning keeps it last, and calls
+        it after the LightningModule's own epoch-end hook), and may save the stop step by
+        itself: at this batch end (``every_n_train_steps``), at the validation that the stop
+        brings on, or at the end of the epoch the stop ends. So the check comes right after
+        its ``on_train_epoch_end`` (wrapped on the instance from the stop's batch end to
+        ``on_train_end``), where the loop still says "in the epoch, this batch done", as in
+        ModelCheckpoint's own saves:
+        a checkpoint written later, in ``on_train_end``, has the epoch counted as finished
+        and a resumed run would skip the rest of it *and* the same number of batches of the
+        next. ``on_train_end`` only catches a stop whose epoch end never came.
+        """
 
         def __init__(self):
             self._last_step = None
-            self._planned = []  # (ModelCheckpoint, path) for the step the stop was decided at
-            self._planned_step = None
+            self._stop_step = None  # the step training stops after, when it gets a checkpoint
+            self._wrapped = []  # (ModelCheckpoint, its own instance attribute) wrapped for the stop
+            self._unchecked = {}  # id -> (ModelCheckpoint, its candidates at the stop's batch end)
 
         def on_train_start(self, trainer, pl_module):
             guarded(namespace, self._start, trainer)
@@ -112,10 +127,18 @@ def attach_lightning(module):
             guarded(namespace, self._batch_end, trainer, outputs)
 
         def on_train_end(self, trainer, pl_module):
-            guarded(namespace, self._write_planned_checkpoints, trainer)
+            try:
+                guarded(namespace, self._checkpoint_unchecked, trainer)
+            finally:
+                self._unwrap()
+
+        def on_exception(self, trainer, pl_module, exception):
+            self._unwrap()
 
         def _start(self, trainer):
             self._last_step = trainer.global_step  # the step it starts at is not a finished step
+            self._stop_step = None
+            self._unchecked = {}
             client().begin("lightning", self._last_step)
 
         def _batch_end(self, trainer, outputs):
@@ -123,35 +146,61 @@ def attach_lightning(module):
             if step == self._last_step:
                 return  # accumulating gradients: no optimizer step finished with this batch
             self._last_step = step
-            if client().step_end("lightning", step, _lightning_values(outputs)):
-                trainer.should_stop = True
-                self._plan_checkpoints(trainer, step)
+            current = client()
+            if current.step_end("lightning", step, _lightning_values(outputs)):
+                trainer.should_stop = True  # again at each later step, while min_steps holds it back
+                if current.saves_at_stop():
+                    self._stop_step = step
+                    self._plan_checkpoints(trainer)
 
-        def _plan_checkpoints(self, trainer, step):
-            # Named now, with the epoch and metrics of the stop step, as ModelCheckpoint
-            # names it at this batch end; written at on_train_end, after ModelCheckpoint
-            # (which runs after us) had its own chance to save at this step.
-            self._planned, self._planned_step = [], step
+        def _plan_checkpoints(self, trainer):
+            self._unchecked = {}
             for callback in trainer.callbacks:
-                if not _writes_checkpoints(callback):
-                    continue
-                candidates = _monitor_candidates(callback, trainer)
-                self._planned.append((callback, callback.format_checkpoint_name(candidates)))
+                if _writes_checkpoints(callback):
+                    # the names of this batch end, for the late save at on_train_end only
+                    self._unchecked[id(callback)] = (callback, _monitor_candidates(callback, trainer))
+                    if not any(callback is c for c, _ in self._wrapped):
+                        self._wrap(callback)
 
-        def _write_planned_checkpoints(self, trainer):
-            step = self._planned_step
+        def _wrap(self, callback):
+            own = callback.__dict__.get("on_train_epoch_end")  # an instance attribute, kept as it was
+            original = callback.on_train_epoch_end
+
+            def on_train_epoch_end(trainer, pl_module, *args, **kwargs):
+                original(trainer, pl_module, *args, **kwargs)  # its own errors are Lightning's business
+                guarded(namespace, self._check_after_epoch_end, trainer, callback)
+
+            callback.on_train_epoch_end = on_train_epoch_end
+            self._wrapped.append((callback, own))
+
+        def _unwrap(self):
+            wrapped, self._wrapped = self._wrapped, []
+            for callback, own in wrapped:
+                try:
+                    if own is None:
+                        del callback.on_train_epoch_end
+                    else:
+                        callback.on_train_epoch_end = own
+                except Exception:
+                    pass
+
+        def _check_after_epoch_end(self, trainer, callback):
+            step = self._stop_step
+            if step is None or trainer.global_step != step or not trainer.should_stop:
+                return  # not the stop's epoch end
+            if not getattr(getattr(trainer, "fit_loop", None), "_can_stop_early", True):
+                return  # min_epochs / min_steps: Lightning goes on; the stop comes later
+            self._unchecked.pop(id(callback), None)
+            _checkpoint_now(trainer, callback, step, _monitor_candidates(callback, trainer))
+
+        def _checkpoint_unchecked(self, trainer):
+            """The stop's epoch end never came (not in the Lightning versions seen): save now."""
+            step = self._stop_step
+            unchecked, self._unchecked = self._unchecked, {}
             if step is None or trainer.global_step != step:
                 return
-            # Every rank decides alike (the same step, ModelCheckpoint state, and rank 0's
-            # answer to file_exists), and every rank calls save_checkpoint, as DDP needs.
-            for callback, path in self._planned:
-                if getattr(callback, "_last_global_step_saved", None) == step:
-                    continue
-                exists = getattr(callback, "file_exists", None)
-                if exists(path, trainer) if exists is not None else os.path.exists(path):
-                    continue
-                trainer.save_checkpoint(path, getattr(callback, "save_weights_only", False))
-            self._planned, self._planned_step = [], None
+            for callback, candidates in unchecked.values():
+                _checkpoint_now(trainer, callback, step, candidates)
 
     def add_callback(trainer):
         callbacks = trainer.callbacks
@@ -166,15 +215,49 @@ def attach_lightning(module):
     _patch_init(module.Trainer, add_callback)
 
 
+def _checkpoint_now(trainer, callback, step, candidates):
+    """Give ``callback`` (a ModelCheckpoint) a checkpoint at ``step`` unless it has one, the
+    way it saves its own: its top-k bookkeeping (the one it replaces is removed with
+    ``save_top_k=1``), its naming, and its ``last.ckpt`` (``save_last``), so that
+    ``best_model_path``, ``last_model_path`` and ``fit(ckpt_path="last")`` all mean the
+    stop step. A file of that name already there (an earlier run's) is left alone.
+
+    Every rank decides alike (the same step and ModelCheckpoint state, and rank 0's answer
+    to ``file_exists``) and every rank saves, as DDP needs (rank 0 writes)."""
+    if getattr(callback, "_last_global_step_saved", None) == step:
+        return  # it saved this step itself
+    weights_only = getattr(callback, "save_weights_only", False)
+    if getattr(callback, "save_top_k", 1) != 0:
+        path = callback.format_checkpoint_name(candidates)
+        exists = getattr(callback, "file_exists", None)
+        if not (exists(path, trainer) if exists is not None else os.path.exists(path)):
+            monitor = getattr(callback, "monitor", None)
+            save_topk = getattr(callback, "_save_topk_checkpoint", None)
+            save_one = getattr(callback, "_save_checkpoint", None)
+            if save_topk is not None and (monitor is None or monitor in candidates):
+                save_topk(trainer, candidates)  # a monitored one keeps it only if it is among the best
+            if getattr(callback, "_last_global_step_saved", None) != step:
+                # not among the best k (or an unknown ModelCheckpoint): saved as Lightning saves
+                # on an exception, in its naming and outside its top k
+                if save_one is not None:
+                    save_one(trainer, path)
+                else:
+                    trainer.save_checkpoint(path, weights_only)
+    if getattr(callback, "save_last", None):
+        save_last = getattr(callback, "_save_last_checkpoint", None)
+        if save_last is not None:
+            save_last(trainer, candidates)
+
+
 def _is_checkpoint_callback(callback):
     return callable(getattr(callback, "format_checkpoint_name", None))
 
 
 def _writes_checkpoints(callback):
-    """A ModelCheckpoint that saves top-k checkpoints somewhere (its dirpath is set in setup)."""
+    """A ModelCheckpoint that saves somewhere: top-k checkpoints or ``last.ckpt`` (its dirpath is set in setup)."""
     return (_is_checkpoint_callback(callback)
             and getattr(callback, "dirpath", None) is not None
-            and getattr(callback, "save_top_k", 1) != 0)
+            and (getattr(callback, "save_top_k", 1) != 0 or bool(getattr(callback, "save_last", None))))
 
 
 def _monitor_candidates(callback, trainer):

@@ -16,9 +16,13 @@ framework is imported:
   ``control.should_save`` and ``control.should_training_stop``: the Trainer writes
   ``checkpoint-N`` and ``train()`` returns normally.
 - ``lightning.pytorch`` and ``pytorch_lightning``: every ``Trainer`` gets a ``Callback``
-  that sets ``trainer.should_stop`` at the stop step and, at ``on_train_end``, writes a
-  checkpoint at that step where each ``ModelCheckpoint`` writes and in its naming,
-  unless that checkpoint already exists.
+  that sets ``trainer.should_stop`` at the stop step and, right after each
+  ``ModelCheckpoint``'s own ``on_train_epoch_end`` of the epoch the stop ends, has that
+  ``ModelCheckpoint`` save the stop step through its own machinery (naming, top-k,
+  ``last.ckpt``) unless it saved that step itself.
+
+A stop for a NaN or infinite loss (reason ``nan_loss``) stops without that save: a
+checkpoint of broken weights would be the one a resumed run starts from.
 - ``keras``: ``Model.fit`` gets a ``Callback`` that sets ``model.stop_training`` at the
   batch end where ``optimizer.iterations`` reaches the stop step.
 
@@ -110,6 +114,8 @@ _REPORT_INTERVAL = 0.001  # seconds: steps closer together than this are reporte
 _IMPORTANT_SEND_WAIT = 0.05  # seconds a hello or stopping datagram may wait for room, once
 _MAX_DRAIN = 64  # datagrams read per step end, so a flood can never hold training up
 _MAX_STRING = 200  # characters of a string value sent
+#: Stop reasons after which the integrations end training without writing a checkpoint of their own.
+_NO_CHECKPOINT_REASONS = ("nan_loss",)
 #: What sending or receiving fails with once the supervisor's socket is gone.
 _GONE_ERRNOS = (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE)
 
@@ -180,6 +186,15 @@ class Client:
             self._send_stopping()
         except Exception as exc:
             self.disengage("%s: %r" % (framework, exc))
+
+    def saves_at_stop(self):
+        """Whether the step this process stops after should be checkpointed: yes for the
+        target and for a stop announced for any other reason (a time limit, a signal: the
+        preemption story), no for a NaN or infinite loss, whose weights are not worth a
+        checkpoint that a resumed run would start from (or that a framework keeping only
+        its last few would keep instead of a good one)."""
+        stopping = self._stopping
+        return stopping is None or stopping.get("reason") not in _NO_CHECKPOINT_REASONS
 
     def disengage(self, what):
         """Off for good in this process, with one line on stderr."""

@@ -20,6 +20,9 @@ class Callback:
     def on_train_end(self, trainer, pl_module):
         pass
 
+    def on_exception(self, trainer, pl_module, exception):
+        pass
+
 
 class Checkpoint(Callback):
     """What Lightning keeps last in the callback list."""
