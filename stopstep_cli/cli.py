@@ -254,6 +254,11 @@ def _publish(report, path: Optional[str], console: Console) -> None:
     github_step_summary(report)
 
 
+#: Values the in-process side reports with its steps, whatever the log says: every framework's
+#: loss, and Hugging Face's grad_norm (its logged loss hides a NaN by default).
+INPROCESS_VALUES = ("loss", "grad_norm")
+
+
 def _check_nan_field(opts, formats) -> None:
     """--nan-field must name a value some format in use reads (or the loss the in-process
     side reports), and means nothing without --stop-on-nan."""
@@ -265,7 +270,7 @@ def _check_nan_field(opts, formats) -> None:
         return
     values = {name for fmt in formats for name in fmt.regex.groupindex
               if not name.startswith("step") and name != "total"}
-    if field in values or (field == "loss" and opts["cooperative"]):
+    if field in values or (field in INPROCESS_VALUES and opts["cooperative"]):
         return
     names = ", ".join(fmt.name for fmt in formats)
     raise UsageError(f"--stop-on-nan reads the value {field!r}, which none of the formats in use reads ({names})"

@@ -217,6 +217,11 @@ class StopAtStepHook(SessionRunHook):
         """The absolute target; None until anchored when only num_steps was given."""
         return self._last_step
 
+    @property
+    def num_steps(self) -> Optional[int]:
+        """The steps to run from the start step, when the target was given that way."""
+        return self._num_steps
+
     def after_create_session(self, session: TrainingSession, coord: Coordinator) -> None:
         if self._last_step is None:
             self._last_step = (session.global_step or 0) + self._num_steps

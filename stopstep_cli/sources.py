@@ -621,6 +621,7 @@ class CheckpointSource(_Watched):
         self.done_step: Optional[int] = None
         self.last_path: Optional[str] = None
         self.pending: Dict[str, int] = {}  # unfinished checkpoints not yet observed
+        self._said_incomplete: Dict[str, tuple] = {}  # what -v last said of each pending one: (why, size)
         self.complete_at_launch: Dict[str, int] = {}  # name -> step, complete when the command started
         # observed (or whole at launch), by name: the entry's identity then. The same name
         # made again (a run that wiped the directory and started over) is a new checkpoint.
@@ -805,12 +806,18 @@ class CheckpointSource(_Watched):
                 path = os.path.join(self.root, name)
                 if not os.path.exists(path):
                     del self.pending[name]
+                    self._said_incomplete.pop(name, None)
                     self.debug(f"{self.name}: {name} was deleted before it was complete")
                     continue
-                if not self.layout.is_complete(self.root, name, step):
-                    self.debug(f"{self.name}: {name} (step {step}) is not complete yet ({_size(path)} bytes)")
+                why = self.layout.why_incomplete(self.root, name, step)
+                if why is not None:
+                    state = (why, _size(path))
+                    if self._said_incomplete.get(name) != state:  # a save is looked at many times: say each state once
+                        self._said_incomplete[name] = state
+                        self.debug(f"{self.name}: {name} (step {step}) is not complete yet ({state[1]} bytes): {why}")
                     continue
                 del self.pending[name]
+                self._said_incomplete.pop(name, None)
                 self._seen_whole[name] = self._entry_identity(name)
                 checkpoint = os.path.join(self.root, self.layout.checkpoint_name(name))
                 if self.done_step is None or step > self.done_step:

@@ -464,6 +464,7 @@ class Supervisor:
             if message["t"] == "hello":
                 self.console.debug(f"in-process: {message.get('fw')} engaged in pid {message.get('pid')} "
                                    f"(rank {message.get('rank', 0)}), starting at step {message.get('step')}")
+                self._on_hello(message)
             elif message["t"] == "stopping":
                 self.console.debug(f"in-process: pid {message.get('pid')} stops itself after step "
                                    f"{message.get('step')}")
@@ -666,18 +667,44 @@ class Supervisor:
         """A stop decided while running: every process stops after the same step, announced
         ahead of the highest seen so that no rank has passed it when the word reaches it."""
         highest = self.steps.global_step or 0
-        rate = self.steps.steps_per_s() or 0.0
-        ranks = len({s.rank for s in self.inprocess.senders.values()}) if self.inprocess else 1
-        margin = max(2 if ranks > 1 else 1, math.ceil(rate * STOP_AHEAD_SECONDS))
+        senders = list(self.inprocess.senders.values()) if self.inprocess else []
+        if len(senders) <= 1 and all((s.world or 1) <= 1 for s in senders):
+            # one process agrees with itself: it stops after the next step it finishes (a
+            # NaN stop should not train on for a quarter of a second)
+            margin = 1
+        else:
+            rate = self.steps.steps_per_s() or 0.0
+            margin = max(2, math.ceil(rate * STOP_AHEAD_SECONDS))
         stop_at = highest + margin
         self.inprocess.announce_stop(stop_at, reason)
         return stop_at
 
     def _target_for(self, start: Optional[int]) -> Optional[int]:
-        """The absolute target a process started at ``start`` has (for its in-process side)."""
+        """The absolute target a process started at ``start`` has (for its in-process side).
+        None (told later) for a --num-steps target while nothing says where the run starts:
+        a framework says its exact start step when training begins (:meth:`_on_hello`), and
+        a resumed run told the fresh run's target would stop at once."""
         if self.target is None:
             return None
+        if self.target.last_step is None and start is None:
+            return None
         return self.target.last_step if self.target.last_step is not None else self.target.target_from(start)
+
+    def _on_hello(self, message: dict) -> None:
+        """A process of the command engaged. The first framework to say at which step it
+        starts (its own restored global step, exact) settles the run's start step; then
+        every process learns the target, which the launch may have left unsaid."""
+        start = message.get("step")
+        if isinstance(start, int) and not isinstance(start, bool) and not self.report.attempts:
+            if not self._start_checked:
+                self._start_checked = True  # the framework's word: a printed first step cannot better it
+                seemed = self.session.start_step
+                if start != (seemed or 0):
+                    how = f"resumed from step {start}" if start else "started fresh"
+                    below = f", below the checkpoint at step {seemed}" if seemed is not None and start < seemed else ""
+                    self._start_over(start or None, f"{message.get('fw')} says it {how}{below}")
+        if self.target is not None and self.target.last_step is not None and message.get("target") != self.target.last_step:
+            self.inprocess.announce_target(self.target.last_step)  # it was launched without the target
 
     def _sentinel_says(self, text: str) -> None:
         """The stop sequence's words, from the sentinel's thread: printed by the loop."""
@@ -717,12 +744,19 @@ class Supervisor:
         if resumed is None or obs.step >= resumed:
             return
         start = self.sources.start_over_from(obs.step)
+        how = "fresh" if start is None else f"from step {start}"
+        self._start_over(start, f"the command's first step is {obs.step}, below the checkpoint at step "
+                                f"{resumed}: it started {how}")
+
+    def _start_over(self, start: Optional[int], line: str) -> None:
+        """The run started at ``start`` (None: fresh), not where it seemed to: the checkpoints
+        of an earlier run above it stop counting, --num-steps counts from it; ``line`` says why."""
+        if self.session.start_step is not None and (start or 0) < self.session.start_step:
+            self.sources.start_over_from(start or 0)
         self._start_at(start)
         # the newest checkpoint that counts is this run's (or an older one it started from)
         latest = self.sources.latest_checkpoint()
         self.report.last_checkpoint_step, self.report.last_checkpoint_path = latest or (None, None)
-        how = "fresh" if start is None else f"from step {start}"
-        line = f"the command's first step is {obs.step}, below the checkpoint at step {resumed}: it started {how}"
         if self.target is not None and not self.report.attempts:  # num_steps is anchored at the first start
             self.target.reanchor(start)
             if self.target.last_step != self.report.target_step:

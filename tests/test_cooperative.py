@@ -74,7 +74,7 @@ def test_the_beacon_stops_at_exactly_the_target_at_any_rate(tmp_path):
 
 
 @pytest.mark.parametrize("options,args,status,reason", [
-    (["--stop-on-nan"], ["0.01", "20"], 4, "nan_loss"),
+    (["--stop-on-nan"], ["0.01", "60"], 4, "nan_loss"),
     (["--time-limit", "1"], ["0.01"], 124, "time_limit"),
 ])
 def test_a_stop_decided_while_running_is_announced_and_kept(tmp_path, options, args, status, reason):
@@ -84,6 +84,8 @@ def test_a_stop_decided_while_running_is_announced_and_kept(tmp_path, options, a
     assert report["reason"] == reason and report["stop_mode"] == "cooperative"
     stopped = int(result.stdout.split()[-1])
     assert f"asked the training to stop itself after step {stopped}" in err  # the step announced is the step kept
+    if reason == "nan_loss":  # one process: it stops right after the step where the NaN was seen
+        assert stopped <= 60 + 2, err
 
 
 def test_sigterm_becomes_a_save_at_the_next_step(tmp_path):
@@ -210,3 +212,79 @@ def test_the_beacon_outside_stopstep_does_nothing():
     outside = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=TIMEOUT,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert outside.stdout == b"False False\n"
+
+
+HF_RESUMED = """
+    import sys, time
+    from transformers import Trainer, TrainingArguments
+    def model(step):
+        time.sleep(0.005)
+        return 1.0 / (1 + step)
+    args = TrainingArguments(output_dir=sys.argv[1], max_steps=1000, logging_steps=5, save_steps=500)
+    out = Trainer(model=model, args=args).train(resume_from_checkpoint=sys.argv[2] if len(sys.argv) > 2 else None)
+    print("train returned at", out.global_step, flush=True)
+"""
+
+
+@pytest.mark.parametrize("with_checkpoint_dir", [False, True])
+def test_num_steps_counts_from_where_the_framework_says_it_resumed(tmp_path, with_checkpoint_dir):
+    # A first run leaves checkpoint-30; the second resumes from it with --num-steps 20. The
+    # framework says at train begin that it resumed from 30, so the target is 50, with or
+    # without a --checkpoint-dir to find the resume point in (without one, a target of 20
+    # used to stop the resumed run at once, at 31).
+    out = tmp_path / "out"
+    first, _ = run_with_report(tmp_path, "--last-step", "30", "--", *python(HF_RESUMED), out, env=WITH_STANDINS)
+    assert first.returncode == 0 and (out / "checkpoint-30").is_dir(), first.stderr.decode()
+    watch = ["--checkpoint-dir", out] if with_checkpoint_dir else []
+    result, report = run_with_report(tmp_path, "--num-steps", "20", *watch, "--",
+                                     *python(HF_RESUMED), out, out / "checkpoint-30", env=WITH_STANDINS)
+    err = result.stderr.decode()
+    assert result.returncode == 0, err
+    assert b"train returned at 50" in result.stdout
+    assert (report["start_step"], report["target_step"], report["last_step_seen"]) == (30, 50, 50)
+    assert json.loads((out / "checkpoint-50" / "trainer_state.json").read_text())["global_step"] == 50
+    if not with_checkpoint_dir:
+        assert "hf says it resumed from step 30; --num-steps counts from there: target 50" in err
+
+
+def test_a_fresh_framework_run_over_an_old_checkpoint_counts_from_zero(tmp_path):
+    # checkpoint-30 is an earlier run's; this run starts fresh (the framework says step 0 at
+    # train begin), so --num-steps 20 means step 20, not 50, and checkpoint-30 is not this run's
+    out = tmp_path / "out"
+    run_with_report(tmp_path, "--last-step", "30", "--", *python(HF_RESUMED), out, env=WITH_STANDINS)
+    result, report = run_with_report(tmp_path, "--num-steps", "20", "--checkpoint-dir", out, "--",
+                                     *python(HF_RESUMED), out, env=WITH_STANDINS)
+    err = result.stderr.decode()
+    assert result.returncode == 0, err
+    assert b"train returned at 20" in result.stdout
+    assert (report["start_step"], report["target_step"]) == (None, 20)
+    assert "hf says it started fresh, below the checkpoint at step 30" in err
+
+
+HF_NAN = """
+    import math, sys, time
+    from transformers import Trainer, TrainingArguments
+    def model(step):
+        time.sleep(0.005)
+        return math.nan if step >= 15 else 1.0 / (1 + step)
+    args = TrainingArguments(output_dir=sys.argv[1], max_steps=200, logging_steps=1, save_steps=500)
+    out = Trainer(model=model, args=args).train()
+    print("train returned at", out.global_step, flush=True)
+"""
+
+
+def test_a_nan_the_trainer_hides_in_its_loss_is_caught_in_grad_norm(tmp_path):
+    # Hugging Face's logging_nan_inf_filter (on by default) logs a NaN loss as the mean so
+    # far: --stop-on-nan on the loss never fires there; on grad_norm it does, from inside,
+    # and the stop writes no checkpoint of NaN weights.
+    out = tmp_path / "out"
+    result, report = run_with_report(tmp_path, "--last-step", "200", "--stop-on-nan", "--", *python(HF_NAN), out,
+                                     env=WITH_STANDINS)
+    assert result.returncode == 0 and report["reason"] == "target_reached", result.stderr.decode()
+    result, report = run_with_report(tmp_path, "--last-step", "200", "--stop-on-nan", "--nan-field", "grad_norm",
+                                     "--", *python(HF_NAN), out, env=WITH_STANDINS)
+    err = result.stderr.decode()
+    assert result.returncode == 4 and report["reason"] == "nan_loss", err
+    assert report["stop_mode"] == "cooperative" and "grad_norm is nan at step 16" in err
+    stopped = int(result.stdout.split()[-1])
+    assert stopped <= 16 + 2 and not (out / f"checkpoint-{stopped}").exists()

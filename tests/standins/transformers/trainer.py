@@ -63,8 +63,17 @@ class Trainer:
         return 1.0 / (1 + step) if self.model is None else self.model(step)
 
     def _maybe_log_save_evaluate(self, loss):
+        # As the real Trainer: with logging_nan_inf_filter (its default) a NaN or inf loss is
+        # replaced by the mean of the losses so far; grad_norm, from the gradients, stays NaN.
+        finite = loss == loss and abs(loss) != float("inf")
+        if finite:
+            self._losses = getattr(self, "_losses", []) + [loss]
         if self.control.should_log:
-            self.log({"loss": loss, "learning_rate": 0.001})
+            shown = loss
+            if not finite and self.args.logging_nan_inf_filter:
+                seen = getattr(self, "_losses", []) or [0.0]
+                shown = sum(seen) / len(seen)
+            self.log({"loss": shown, "grad_norm": loss * 10, "learning_rate": 0.001})
         if self.control.should_save:
             self._save_checkpoint()
             self.control = self.callback_handler.on_save(self.args, self.state, self.control)

@@ -11,3 +11,4 @@ class TrainingArguments:
     logging_steps: int = 500
     save_steps: int = 500
     steps_per_epoch: int = 4  # stands in for len(train_dataloader)
+    logging_nan_inf_filter: bool = True  # as the real one: a NaN or inf loss is logged as the mean so far
