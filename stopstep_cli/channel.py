@@ -17,8 +17,8 @@ protocol), and through which stop decisions reach them::
 Data-parallel agreement: a stop decided while running is announced as a step
 (``stop_at``): every rank stops after the first finished step >= that step, so all
 ranks leave the loop after the same step, as long as the announced step is ahead
-of the highest step any rank may have finished when the announcement arrives.
-Choosing that margin is the caller's business.
+of the highest step any rank may have finished when the announcement arrives
+(:func:`stop_step_ahead` chooses it).
 
 What is announced is remembered: a process that says hello later gets the current
 target and stop step at once, and an announcement that found a process's queue
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import socket
 import tempfile
@@ -50,6 +51,25 @@ HELLO, STEP, STOPPING = "hello", "step", "stopping"
 _DATAGRAM_MAX = 65536
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 _GONE = (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE)
+
+
+#: A stop decided while running is announced this much training time ahead (at least 2 steps).
+STOP_AHEAD_SECONDS = 0.25
+
+
+def stop_step_ahead(highest: int, steps_per_s: Optional[float]) -> int:
+    """The step every rank is told to stop after, for a stop decided while several
+    processes train: a quarter of a second of training (at least two steps) past the
+    highest step seen, rounded up to a multiple of the power of two at or above that
+    margin. The margin covers the ranks' lag behind the one that reported last (and
+    their reports' 20 ms throttle); the rounding is for nodes, each with its own
+    stopstep, that heard of the stop together but saw steps a little apart: without
+    it, two nodes one step apart announce steps one apart every time, and the ranks
+    that stop first leave the others hanging in a collective; with it, only when a
+    multiple falls between what they saw (1 time in 16 for a margin of 11 steps)."""
+    margin = max(2, math.ceil((steps_per_s or 0.0) * STOP_AHEAD_SECONDS))
+    grid = 1 << (margin - 1).bit_length()
+    return -(-(highest + margin) // grid) * grid
 
 
 class Sender:

@@ -240,13 +240,20 @@ class Sentinel:
             if terminating and self.cooperative is not None and self.cooperative(signum):
                 self.post(Event(SIGNAL_RECEIVED, signum, "cooperative"))
                 return
-            if signum == signal.SIGINT and sequence is not None and sequence.stage is Stage.SIGNALLED \
-                    and self._interrupts_seen:
+            if signum == signal.SIGINT and sequence is not None and self._interrupts_seen \
+                    and sequence.stage in (Stage.COOPERATIVE, Stage.SIGNALLED):
                 sequence.kill_now()  # Ctrl-C again: the user means it
                 self.post(Event(SIGNAL_RECEIVED, signum, "forced"))
                 return
             if signum == signal.SIGINT:
                 self._interrupts_seen += 1
+            if terminating and sequence is not None and sequence.stage is Stage.COOPERATIVE:
+                # The command is stopping itself (and may be saving): a signal now would cut
+                # that short. It is most often the same request again (`timeout` and a group
+                # kill each deliver one); it is kept for the exit status, and the window's end
+                # still brings the signal path.
+                self.post(Event(SIGNAL_RECEIVED, signum, "held terminal" if from_terminal else "held"))
+                return
             if tree is not None and not from_terminal:
                 tree.signal_group(signum)
             if signum == signal.SIGWINCH:

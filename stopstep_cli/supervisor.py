@@ -16,7 +16,6 @@ decided from the facts by :func:`~stopstep_cli.outcome.conclude`.
 from __future__ import annotations
 
 import gc
-import math
 import os
 import select
 import signal
@@ -25,7 +24,7 @@ import time
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 from . import outcome
-from .channel import InProcessChannel
+from .channel import InProcessChannel, stop_step_ahead
 from .console import Console
 from .errors import StopstepError
 from .hooks import (
@@ -62,8 +61,6 @@ from .terminal import Foreground, TerminalSignals, is_terminal, wants_pty
 
 #: How long the pipes may take to give up what they still hold once the tree is down.
 DRAIN_LIMIT = 3.0
-#: A stop decided while running is announced this much training time ahead (at least a step).
-STOP_AHEAD_SECONDS = 0.25
 
 
 class StopCause(NamedTuple):
@@ -386,8 +383,9 @@ class Supervisor:
             self.cause = StopCause(outcome.SIGNAL, outcome.exit_for_signal(received))
 
     def _on_signal_received(self, signum: int, how: str) -> None:
-        """``how``: "started" (it began the stop), "again", "forced" (a second Ctrl-C);
-        "... terminal" when the terminal sent it to the command's group, not to stopstep."""
+        """``how``: "started" (it began the stop), "again", "forced" (a second Ctrl-C),
+        "cooperative" (it began a cooperative stop), "held" (not passed on: the command is
+        stopping itself); "... terminal" when the terminal sent it to the command's group."""
         name = signal.Signals(signum).name
         self._signal_came_first()
         if self.phase in (Phase.STARTING, Phase.RESTART_DELAY):
@@ -396,11 +394,14 @@ class Supervisor:
             return
         if how == "cooperative":
             self._stopping = self.sequence
-            stop_at = self._announce_stop(outcome.SIGNAL)
-            self.console.info(f"received {name}; asked the training to stop itself after step {stop_at}; "
+            self.console.info(f"received {name}; {self._announce_stop(outcome.SIGNAL)}; "
                               f"{name} follows in {self.grace_period:g}s if it has not exited")
         elif how == "forced":
             self.console.info("Ctrl-C again: killing the tree now")
+        elif how.startswith("held"):
+            sent = "the command got it from the terminal" if how.endswith("terminal") else "not passed on"
+            hint = "; Ctrl-C again kills it at once" if signum == signal.SIGINT else ""
+            self.console.info(f"received {name}; the training is stopping itself already ({sent}){hint}")
         elif how.startswith("again") or self.phase in (Phase.DRAINING, Phase.DONE):
             self.console.debug(f"passed {name} on; the grace period is not restarted")
         else:
@@ -643,7 +644,7 @@ class Supervisor:
             self.sequence.begin(cooperative_window=self.grace_period)
             done = "the training stops itself there"
             if self.cause.reason != outcome.TARGET_REACHED:
-                done = f"asked the training to stop itself after step {self._announce_stop(self.cause.reason)}"
+                done = self._announce_stop(self.cause.reason)
             done += f"; {self.stop_signal.name} follows in {self.grace_period:g}s if it has not exited"
         else:
             self.sequence.begin()
@@ -663,21 +664,22 @@ class Supervisor:
             return False
         return self.sequence.begin(cooperative_window=self.grace_period, then_signal=signum)
 
-    def _announce_stop(self, reason: str) -> int:
+    def _announce_stop(self, reason: str) -> str:
         """A stop decided while running: every process stops after the same step, announced
-        ahead of the highest seen so that no rank has passed it when the word reaches it."""
+        ahead of the highest seen so that no rank has passed it when the word reaches it.
+        Returns what was asked, in words."""
         highest = self.steps.global_step or 0
         senders = list(self.inprocess.senders.values()) if self.inprocess else []
         if len(senders) <= 1 and all((s.world or 1) <= 1 for s in senders):
-            # one process agrees with itself: it stops after the next step it finishes (a
-            # NaN stop should not train on for a quarter of a second)
-            margin = 1
-        else:
-            rate = self.steps.steps_per_s() or 0.0
-            margin = max(2, math.ceil(rate * STOP_AHEAD_SECONDS))
-        stop_at = highest + margin
+            # One process agrees with itself: it stops after the next step it finishes (a
+            # NaN stop should not train on for a quarter of a second). Its reports come at
+            # most every 20 ms, so it may be a step or two past the highest seen here: the
+            # words name no step, the summary says where it stopped.
+            self.inprocess.announce_stop(highest + 1, reason)
+            return "asked the training to stop itself after its next step"
+        stop_at = stop_step_ahead(highest, self.steps.steps_per_s())
         self.inprocess.announce_stop(stop_at, reason)
-        return stop_at
+        return f"asked the training to stop itself after step {stop_at}"
 
     def _target_for(self, start: Optional[int]) -> Optional[int]:
         """The absolute target a process started at ``start`` has (for its in-process side).

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from stopstep_cli.channel import SITE_DIR, InProcessChannel, parse_message
+from stopstep_cli.channel import SITE_DIR, InProcessChannel, parse_message, stop_step_ahead
 from stopstep_cli.observation import IN_PROCESS
 
 
@@ -189,3 +189,18 @@ def test_step_and_stopping_messages_become_observations(channel):
     assert observation.time > 0
     assert channel.to_observation({"t": "stopping", "pid": 1, "rank": 0, "step": 11, "why": "target"}).step == 11
     assert channel.to_observation(hello()) is None
+
+
+def test_a_stop_step_ahead_covers_a_quarter_second_and_lands_on_a_grid():
+    assert stop_step_ahead(0, None) == 2  # nothing known of the rate: two steps
+    assert stop_step_ahead(92, 41.8) == 112  # a margin of 11 steps, on a grid of 16
+    assert stop_step_ahead(93, 41.8) == 112  # a node that saw one step more picks the same step
+    assert stop_step_ahead(10_000, 10_000.0) == 16_384  # 2,500 steps ahead, on a grid of 4,096
+    for highest in range(0, 200):
+        for rate in (0.5, 3.0, 41.8, 333.0):
+            stop_at = stop_step_ahead(highest, rate)
+            margin = max(2, -(-rate * 0.25 // 1))
+            assert highest + margin <= stop_at < highest + 3 * margin, (highest, rate, stop_at)
+    # two nodes one step apart agree far more often than not
+    agree = sum(stop_step_ahead(h, 41.8) == stop_step_ahead(h + 1, 41.8) for h in range(1600))
+    assert agree == 1500
