@@ -55,6 +55,7 @@ from .sentinel import (
 )
 from .signals import FORWARDED_SIGNALS, all_catchable_signals
 from .sources import SourceSet
+from .start_point import StartPoint
 from .steps import StepLedger
 from .stop_sequence import Stage, StopSequence
 from .terminal import Foreground, TerminalSignals, is_terminal, wants_pty
@@ -146,7 +147,10 @@ class Supervisor:
         self.timers = Timers()
         self.cause: Optional[StopCause] = None  # the first reason a stop was asked for
         self.hook_error: Optional[HookFailed] = None
+        self._pending: List[str] = []  # our messages, held until the read that caused them is written
         self.steps = StepLedger(self.report, start_step, self.console.debug)
+        self.start = StartPoint(self.session, self.report, self.steps, self.sources, target, self.console.info,
+                                self._pending.append, self._announce_target)
         self.tree: Optional[ProcessTree] = None
         self.sequence: Optional[StopSequence] = None
         self.pump = OutputPump(self.formats, self._say, progress, self._guard_write)
@@ -154,8 +158,6 @@ class Supervisor:
         self._sentinel: Optional[Sentinel] = None
         self._foreground = self._guardian = None
         self._subreaper = Subreaper()
-        self._pending: List[str] = []  # our messages, held until the read that caused them is written
-        self._start_checked = False  # the command's own first step was compared with the resume point
         self._listener: Optional[TerminalSignals] = None
         self._stopping: Optional[StopSequence] = None  # the sequence of a stop stopstep made (not a clean-up)
         self._froze_gc = False
@@ -213,13 +215,13 @@ class Supervisor:
         self._on_sentinel_events()  # a signal that came before the launch ends the run here
         if self.phase is not Phase.STARTING:
             return
-        self._resume_point()
+        self.start.at_launch()
         foreground = self._foreground if self._foreground is not None and self._foreground.active else None
         # stopstep's children that are not the tree's: its host's own (API), the guardian
         foreign = self.tree.foreign if self.tree is not None else frozenset(own_children() if self.subreaper else ())
         env = self.env
         if self.inprocess is not None:  # the command's Python processes get the in-process side
-            env = dict(env, **self.inprocess.environment(self._target_for(self.session.start_step), env))
+            env = dict(env, **self.inprocess.environment(self.start.target_for(self.start.step), env))
         try:
             tree = ProcessTree(self.argv, env, self.stop_signal,
                                adopts_orphans=self.subreaper or os.getpid() == 1, foreign=foreign)
@@ -547,8 +549,7 @@ class Supervisor:
             self._observe_one(obs)
 
     def _observe_one(self, obs: Observation) -> None:
-        if not self._start_checked:
-            self._check_start(obs)
+        self.start.first_step(obs)
         if (obs.is_checkpoint and self.phase is Phase.WAITING_FOR_CHECKPOINT
                 and obs.step >= (self.report.target_step or 0)):
             self._pending.append(f"checkpoint for step {obs.step} is complete; {self._stop_tree()}")
@@ -681,92 +682,23 @@ class Supervisor:
         self.inprocess.announce_stop(stop_at, reason)
         return f"asked the training to stop itself after step {stop_at}"
 
-    def _target_for(self, start: Optional[int]) -> Optional[int]:
-        """The absolute target a process started at ``start`` has (for its in-process side).
-        None (told later) for a --num-steps target while nothing says where the run starts:
-        a framework says its exact start step when training begins (:meth:`_on_hello`), and
-        a resumed run told the fresh run's target would stop at once."""
-        if self.target is None:
-            return None
-        if self.target.last_step is None and start is None:
-            return None
-        return self.target.last_step if self.target.last_step is not None else self.target.target_from(start)
-
     def _on_hello(self, message: dict) -> None:
         """A process of the command engaged. The first framework to say at which step it
         starts (its own restored global step, exact) settles the run's start step; then
         every process learns the target, which the launch may have left unsaid."""
         start = message.get("step")
-        if isinstance(start, int) and not isinstance(start, bool) and not self.report.attempts:
-            if not self._start_checked:
-                self._start_checked = True  # the framework's word: a printed first step cannot better it
-                seemed = self.session.start_step
-                if start != (seemed or 0):
-                    how = f"resumed from step {start}" if start else "started fresh"
-                    below = f", below the checkpoint at step {seemed}" if seemed is not None and start < seemed else ""
-                    self._start_over(start or None, f"{message.get('fw')} says it {how}{below}")
+        if isinstance(start, int) and not isinstance(start, bool):
+            self.start.framework_says(start, str(message.get("fw")))
         if self.target is not None and self.target.last_step is not None and message.get("target") != self.target.last_step:
             self.inprocess.announce_target(self.target.last_step)  # it was launched without the target
+
+    def _announce_target(self, step: int) -> None:
+        if self.inprocess is not None:
+            self.inprocess.announce_target(step)
 
     def _sentinel_says(self, text: str) -> None:
         """The stop sequence's words, from the sentinel's thread: printed by the loop."""
         self._sentinel.post(Event(STOP_PROGRESS, None, text))
-
-    # -- other sources ---------------------------------------------------------------------------
-
-    def _resume_point(self) -> None:
-        """The latest complete checkpoint now is where the (re)started command resumes,
-        until its own first step says otherwise (:meth:`_check_start`)."""
-        found = self.sources.resume_points()
-        for point in found:
-            self.steps.note_checkpoint(point)
-        resumed = max((point.step for point in found), default=None)
-        restarted = bool(self.report.attempts)
-        self._start_checked = False
-        if resumed is not None and (self.session.start_step is None or resumed > self.session.start_step
-                                    or restarted):
-            self._start_at(resumed)
-            self.console.info(f"resuming from step {resumed} (latest complete checkpoint)")
-        elif restarted:
-            self._start_at(None)
-
-    def _start_at(self, step: Optional[int]) -> None:
-        self.session.start_step = self.session.global_step = step
-        self.steps.started_at(step)
-        if not self.report.attempts:
-            self.report.start_step = step
-
-    def _check_start(self, obs: Observation) -> None:
-        """The command's own first step (a 0, drawn before any step, says nothing) below
-        the checkpoint it seemed to resume from: it started fresh, or from an older one."""
-        if obs.step < 1 or self._start_checked or obs.historic:
-            return
-        self._start_checked = True
-        resumed = self.session.start_step
-        if resumed is None or obs.step >= resumed:
-            return
-        start = self.sources.start_over_from(obs.step)
-        how = "fresh" if start is None else f"from step {start}"
-        self._start_over(start, f"the command's first step is {obs.step}, below the checkpoint at step "
-                                f"{resumed}: it started {how}")
-
-    def _start_over(self, start: Optional[int], line: str) -> None:
-        """The run started at ``start`` (None: fresh), not where it seemed to: the checkpoints
-        of an earlier run above it stop counting, --num-steps counts from it; ``line`` says why."""
-        if self.session.start_step is not None and (start or 0) < self.session.start_step:
-            self.sources.start_over_from(start or 0)
-        self._start_at(start)
-        # the newest checkpoint that counts is this run's (or an older one it started from)
-        latest = self.sources.latest_checkpoint()
-        self.report.last_checkpoint_step, self.report.last_checkpoint_path = latest or (None, None)
-        if self.target is not None and not self.report.attempts:  # num_steps is anchored at the first start
-            self.target.reanchor(start)
-            if self.target.last_step != self.report.target_step:
-                self.report.target_step = self.target.last_step
-                line += f"; --num-steps counts from there: target {self.target.last_step}"
-                if self.inprocess is not None:
-                    self.inprocess.announce_target(self.target.last_step)
-        self._pending.append(line)
 
     # -- messages and terminals --------------------------------------------------------------------
 

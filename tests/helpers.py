@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import select
+import shutil
 import struct
 import subprocess
 import sys
@@ -203,3 +204,14 @@ def wait_until(check, what: str = "condition", timeout: float = TIMEOUT):
     while not check():
         assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
         time.sleep(0.01)
+
+
+def _can_unshare() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+#: Runs stopstep as PID 1 of a new PID namespace, as a container's entrypoint is.
+needs_pid_namespace = pytest.mark.skipif(not _can_unshare(), reason="needs unshare --pid (root)")

@@ -21,6 +21,7 @@ from helpers import (
     Terminal,
     _env,
     assert_all_gone,
+    needs_pid_namespace,
     read_pids,
     run_stopstep,
     run_with_report,
@@ -250,15 +251,6 @@ def test_bad_hooks_are_usage_errors(tmp_path, hook, args, says):
 
 # -- PID 1 ----------------------------------------------------------------------------------
 
-
-def _can_unshare() -> bool:
-    if not shutil.which("unshare"):
-        return False
-    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
-    return probe.returncode == 0
-
-
-needs_pid_namespace = pytest.mark.skipif(not _can_unshare(), reason="needs unshare --pid (root)")
 
 ZOMBIE_COUNT = (
     "import os\n"
