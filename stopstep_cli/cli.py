@@ -93,6 +93,18 @@ ENVIRONMENT = (
 )
 
 
+# Options that `run` and `scan` share, defined once.
+_preset_option = click.option("--preset", "presets", multiple=True, metavar="NAME",
+                              help="Built-in log format (see `stopstep presets`). Repeatable.")
+_layout_option = click.option("--layout", type=click.Choice(("auto",) + LAYOUT_NAMES), default="auto",
+                              show_default=True, metavar="NAME",
+                              help="How the checkpoints in --checkpoint-dir are named and finished: "
+                                   "auto or one of `stopstep layouts`.")
+_checkpoint_pattern_option = click.option(
+    "--checkpoint-pattern", metavar="REGEX",
+    help="Regex with a group 'step' matched against paths relative to --checkpoint-dir (generic layout).")
+
+
 class _RunCommand(click.Command):
     """``run``, whose help ends with its exit statuses and environment variables
     (wrapped to the terminal as the options are)."""
@@ -128,19 +140,15 @@ def cli(ctx: click.Context) -> None:
               help="Stop after N steps from the step the run starts at. [env: STOPSTEP_NUM_STEPS]")
 @click.option("--pattern", "patterns", multiple=True, metavar="REGEX",
               help="Regex with a named group 'step' (or one group) matched against each output line. Repeatable.")
-@click.option("--preset", "presets", multiple=True, metavar="NAME",
-              help="Built-in log format (see `stopstep presets`). Repeatable.")
+@_preset_option
 @click.option("--log-file", "log_files", multiple=True, metavar="PATH",
               help="Also read steps from a file the command writes, like tail -F. Repeatable.")
 @click.option("--log-file-from-start", is_flag=True,
               help="Count what --log-file already holds at launch, not only what is written after.")
 @click.option("--checkpoint-dir", "checkpoint_dirs", multiple=True, metavar="DIR",
               help="Also take each finished checkpoint in DIR as a step; the latest at launch is the start step. Repeatable.")
-@click.option("--layout", type=click.Choice(("auto",) + LAYOUT_NAMES), default="auto", show_default=True,
-              metavar="NAME", help="How the checkpoints in --checkpoint-dir are named and finished: "
-                                   "auto or one of `stopstep layouts`.")
-@click.option("--checkpoint-pattern", metavar="REGEX",
-              help="Regex with a group 'step' matched against paths relative to --checkpoint-dir (generic layout).")
+@_layout_option
+@_checkpoint_pattern_option
 @click.option("--poll", type=_Seconds(3600, minimum=0.01), metavar="SECONDS",
               help="Poll files every SECONDS instead of inotify (NFS, Lustre, GCS fuse).")
 @click.option("--stop-after-checkpoint", is_flag=True,
@@ -398,15 +406,11 @@ def presets() -> None:
 @click.argument("files", nargs=-1, metavar="[FILE... | -]")
 @click.option("--pattern", "patterns", multiple=True, metavar="REGEX",
               help="Regex with a named group 'step' (or one group), as for run. Repeatable.")
-@click.option("--preset", "presets", multiple=True, metavar="NAME",
-              help="Built-in log format (see `stopstep presets`). Repeatable.")
+@_preset_option
 @click.option("--checkpoint-dir", "checkpoint_dirs", multiple=True, metavar="DIR",
               help="List the checkpoints in DIR, complete or not and why. Repeatable.")
-@click.option("--layout", type=click.Choice(("auto",) + LAYOUT_NAMES), default="auto", show_default=True,
-              metavar="NAME", help="How the checkpoints in --checkpoint-dir are named and finished: "
-                                   "auto or one of `stopstep layouts`.")
-@click.option("--checkpoint-pattern", metavar="REGEX",
-              help="Regex with a group 'step' matched against paths relative to --checkpoint-dir (generic layout).")
+@_layout_option
+@_checkpoint_pattern_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (fields above).")
 def scan(files, patterns, presets, checkpoint_dirs, layout, checkpoint_pattern, as_json) -> int:
     """Read saved logs (or stdin) and checkpoint directories the way `stopstep run` would.
