@@ -158,6 +158,30 @@ def test_kubernetes_pod_termination_of_the_documented_container_exits_143(tmp_pa
     assert report["reason"] == "signal" and report["received_signal"] == "SIGTERM"
 
 
+# -- SLURM ----------------------------------------------------------------------------------
+
+
+def test_the_slurm_batch_script_execs_stopstep_so_b_term_reaches_it(tmp_path, pidfile):
+    script = code_blocks("SLURM", "sh")[0]
+    assert "#SBATCH --signal=B:TERM@" in script and "\nexec stopstep run " in script
+    stopstep = " ".join(shlex.quote(word) for word in STOPSTEP)
+    command = " ".join(shlex.quote(str(word)) for word in trainer("--rate", "20", "--pidfile", pidfile))
+    script = script.replace("exec stopstep run --last-step 50000 ", f"exec {stopstep} run --last-step 100000 ")
+    script = script.replace("-- python train.py --output_dir out", f"-- {command}")
+    assert "python train.py" not in script, "the recipe changed: update this test's substitutions"
+    (tmp_path / "job.sh").write_text(script)
+    (tmp_path / "out").mkdir()
+    proc = subprocess.Popen(["bash", str(tmp_path / "job.sh")], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_env({"SLURM_JOB_ID": "42"}))
+    wait_for_output(proc.stdout, b"step 2 ")
+    proc.send_signal(signal.SIGTERM)  # what --signal=B:TERM sends: to the batch script's process alone
+    _out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 143, err.decode()
+    report = json.loads((tmp_path / "stopstep-42.json").read_text())
+    assert report["reason"] == "signal" and report["received_signal"] == "SIGTERM"
+    assert_all_gone(read_pids(pidfile))
+
+
 # -- torchrun across nodes ---------------------------------------------------------------------
 
 
