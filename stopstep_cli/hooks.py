@@ -86,7 +86,7 @@ class SessionRunContext:
         check_stop_request(reason, exit_code, message)
         if not self._stop_requested:
             self.stop_reason = _plain(reason) or "hook_requested"
-            self.stop_exit_code = int(exit_code)
+            self.stop_exit_code = int.__int__(exit_code)
             self.stop_message = _plain(message)
         self._stop_requested = True
 
@@ -120,8 +120,9 @@ def check_stop_request(reason: object, exit_code: object, message: object) -> No
                          f"choose another")
     if isinstance(exit_code, bool) or not isinstance(exit_code, int):
         raise TypeError(f"request_stop(exit_code=...) must be an int, not {type(exit_code).__name__}")
-    if not 0 <= exit_code <= 255:
-        raise ValueError(f"request_stop(exit_code={exit_code}) is not an exit status (0 to 255)")
+    value = int.__int__(exit_code)  # an int subclass's own __int__ or comparisons may say anything
+    if not 0 <= value <= 255:
+        raise ValueError(f"request_stop(exit_code={value}) is not an exit status (0 to 255)")
     if message is not None and not isinstance(message, str):
         raise TypeError(f"request_stop(message=...) must be a string, not {type(message).__name__}")
 
@@ -160,7 +161,7 @@ class Coordinator:
         check_stop_request(reason, exit_code, message)
         if not self._stop:
             self.reason = _plain(reason) or "hook_requested"
-            self.exit_code = int(exit_code)
+            self.exit_code = int.__int__(exit_code)
             self.message = _plain(message)
         self._stop = True
 
@@ -359,7 +360,14 @@ class HookRunner:
         deadline = self.call(hook, "deadline")
         if deadline is None:
             return None
-        if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline):
+        when = None
+        if not isinstance(deadline, bool) and isinstance(deadline, (int, float)):
+            try:  # plain float arithmetic from here: a subclass's own methods may do anything
+                when = int.__int__(deadline) if isinstance(deadline, int) else float.__float__(deadline)
+                when = float(when)
+            except OverflowError:  # 10**400
+                when = None
+        if when is None or not math.isfinite(when):
             raise HookFailed(hook, "deadline", TypeError(
                 f"deadline() returned {safe_repr(deadline)}, not a time.monotonic() time or None"))
-        return None if self._woken.get(id(hook)) == deadline else float(deadline)
+        return None if self._woken.get(id(hook)) == when else when

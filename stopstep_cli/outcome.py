@@ -7,6 +7,7 @@ spells a reason or an exit status.
 
 from __future__ import annotations
 
+import re
 import signal
 from typing import NamedTuple, Optional, Tuple
 
@@ -22,9 +23,10 @@ HOOK_ERROR = "hook_error"  # a hook raised, overran --hook-timeout or asked for 
 HOOK_REQUESTED = "hook_requested"  # a hook's request_stop() without a reason of its own
 CHECKPOINT_MISSING = "checkpoint_missing"  # --stop-after-checkpoint: the command exited before the checkpoint came
 LAUNCH_FAILED = "launch_failed"  # the command could not be started (not found: 127, not executable: 126)
+INTERNAL_ERROR = "internal_error"  # something raised outside any hook call (a hook's signal handler, a bug)
 
 #: Reasons only stopstep itself gives; a hook's request_stop may not use them.
-OWN_REASONS = frozenset((PROCESS_EXITED, SIGNAL, HOOK_ERROR, CHECKPOINT_MISSING, LAUNCH_FAILED))
+OWN_REASONS = frozenset((PROCESS_EXITED, SIGNAL, HOOK_ERROR, CHECKPOINT_MISSING, LAUNCH_FAILED, INTERNAL_ERROR))
 
 # -- exit statuses ------------------------------------------------------------------------
 
@@ -87,7 +89,9 @@ EXIT_STATUSES: Tuple[ExitStatus, ...] = (
                "`killed`, not in the status", (STALLED, TIME_LIMIT)),
     ExitStatus(str(EXIT_OWN_FAILURE), "stopstep's own failure (the report could not be written; not Linux)",
                "stopstep's own failure: the report could not be written at the end (the tree is stopped all "
-               "the same), or not on Linux"),
+               "the same); something raised outside any hook call (a signal handler a hook installed, or "
+               "stopstep itself: the tree is brought down, the report written, reason `internal_error`); or "
+               "not on Linux", (INTERNAL_ERROR,)),
     ExitStatus(str(EXIT_NOT_EXECUTABLE), "the command is not executable",
                "the command is not executable (no permission, a directory, not a valid executable); the "
                "report says `launch_failed`", (LAUNCH_FAILED,)),
@@ -244,7 +248,7 @@ def _summary(facts: RunFacts, reason: str, code: int, status: Optional[int]) -> 
         elif reason == CHECKPOINT_MISSING:
             head = f"no checkpoint at or past step {target} came (last step {seen})"
         else:
-            head = f"stopped ({reason}) at step {seen}"
+            head = f"stopped ({_one_line(reason)}) at step {seen}"
         if facts.received_signal is not None and reason != SIGNAL:
             head += f", then got {signal_name(facts.received_signal)}"
         parts = [head, _how_it_ended(facts, status)]
@@ -260,6 +264,12 @@ def _summary(facts: RunFacts, reason: str, code: int, status: Optional[int]) -> 
     return line
 
 
+def _one_line(text: str) -> str:
+    """A hook's reason on the summary line: its control characters (a newline, an escape
+    sequence) shown, not obeyed."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
+
+
 def _how_it_ended(facts: RunFacts, status: Optional[int]) -> str:
     if facts.killed:
         return "tree killed with SIGKILL"
@@ -267,6 +277,9 @@ def _how_it_ended(facts: RunFacts, status: Optional[int]) -> str:
         return "command status unknown"
     if facts.stop_mode == "cooperative":
         return f"command stopped itself, exit {status}"
+    killer = -facts.returncode if facts.returncode is not None and facts.returncode < 0 else None
+    if killer is not None and killer != facts.stop_signal:  # not what stopstep sent: say what it was
+        return f"command killed by {signal_name(killer)} ({status})"
     if facts.stop_signal is not None:
         return f"command exited {status} on {signal_name(facts.stop_signal)}"
     return f"command exited {status}"

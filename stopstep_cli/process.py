@@ -163,12 +163,20 @@ def describe(info: ProcInfo) -> str:
 # -- the tree -----------------------------------------------------------------------------
 
 
+#: Set in the command's environment to a token of its tree: an orphan re-parented to
+#: stopstep is the tree's when it carries it (a process a hook or the host started
+#: from stopstep's own process, in a session of its own, does not).
+TREE_ENV = "STOPSTEP_TREE"
+
+
 class ProcessTree:
     """The command and every process it starts.
 
     ``adopts_orphans``: stopstep is a subreaper, so the orphans re-parented to it
-    belong to the tree too; ``foreign`` are pids that are not the tree's even
-    if they are stopstep's children (its host's own children, the guardian).
+    belong to the tree too (those whose environment holds the tree's token: not the
+    processes stopstep's own process starts, a hook's helper in a session of its own);
+    ``foreign`` are pids that are not the tree's even if they are stopstep's children
+    (its host's own children, the guardian).
     """
 
     def __init__(self, argv: Sequence[str], env: Optional[Dict[str, str]] = None,
@@ -190,6 +198,8 @@ class ProcessTree:
         self.returncode: Optional[int] = None  # Popen-style, once the command exited
         self.reaped = False
         self.orphan_exited_at = 0.0  # time.monotonic() an adopted orphan was last reaped
+        self._token = f"{TREE_ENV}={os.getpid()}-{os.urandom(6).hex()}".encode()
+        self._kin: Dict[tuple, bool] = {}  # (pid, start) of stopstep's children -> the tree's?
 
     # -- start ------------------------------------------------------------
 
@@ -229,7 +239,8 @@ class ProcessTree:
                 stdin=None,
                 stdout=ptys["stdout"][1] if stdout_pty else subprocess.PIPE,
                 stderr=ptys["stderr"][1] if stderr_pty else subprocess.PIPE,
-                env=self.env,
+                env=dict(os.environ if self.env is None else self.env,
+                         **{TREE_ENV: self._token.decode().split("=", 1)[1]}),
                 preexec_fn=in_child,
                 close_fds=True,
             )
@@ -321,8 +332,13 @@ class ProcessTree:
             if pid in keep:
                 continue
             info = _read_stat(pid)
-            if info is None or info.state != "Z" or info.pgid == own_group:
+            if info is None or info.pgid == own_group:
                 continue
+            if info.state != "Z":
+                self._is_kin(info)  # seen alive: known when it is a zombie, whose environment is gone
+                continue
+            if self._kin.get((info.pid, info.start)) is False:
+                continue  # a hook's (or the host's) own: its owner waits for it
             try:
                 if os.waitpid(pid, os.WNOHANG)[0]:
                     self.orphan_exited_at = time.monotonic()
@@ -366,7 +382,8 @@ class ProcessTree:
         roots = [self.pid]
         if self.adopts_orphans:  # adopted orphans; not what stopstep's own process forked (hooks)
             own_group = os.getpgrp()
-            roots += [pid for pid in children.get(me, ()) if pid not in self.foreign and table[pid].pgid != own_group]
+            roots += [pid for pid in children.get(me, ())
+                      if pid not in self.foreign and table[pid].pgid != own_group and self._is_kin(table[pid])]
         found = set()
         stack = list(roots)
         while stack:
@@ -381,6 +398,27 @@ class ProcessTree:
         return [table[pid] for pid in sorted(found) if pid in table and table[pid].state != "Z"]
 
 
+    def _is_kin(self, info: ProcInfo) -> bool:
+        """Is this child of stopstep's (an orphan it adopted, or a process of its own
+        process) the tree's? Decided once per process, from its environment while it
+        lives; one that cannot be read (a zombie never seen alive, another user's
+        program) counts as the tree's, so that nothing of the command is left behind."""
+        key = (info.pid, info.start)
+        known = self._kin.get(key)
+        if known is None:
+            try:
+                with open(f"/proc/{info.pid}/environ", "rb") as fh:
+                    environ = fh.read()
+            except OSError:
+                return True
+            if not environ:  # a zombie, or a kernel thread: nothing to go by
+                return True
+            known = self._kin[key] = self._token in environ.split(b"\0")
+            if len(self._kin) > 4096:  # a long run adopts many: forget the oldest
+                del self._kin[next(iter(self._kin))]
+        return known
+
+
 def own_children() -> List[int]:
     """stopstep's children, from /proc/self/task/*/children (cheap), else the whole table."""
     pids: List[int] = []
@@ -393,6 +431,24 @@ def own_children() -> List[int]:
         table = process_table() or {}
         me = os.getpid()
         return [info.pid for info in table.values() if info.ppid == me]
+
+
+#: Write ends of live guardians' pipes: a process forked from stopstep without an exec
+#: (a hook's os.fork, multiprocessing's fork) must not hold one, or the guardian would
+#: never see stopstep die.
+_GUARDIAN_FDS: set = set()
+
+
+def _close_guardian_fds_in_child() -> None:
+    for fd in _GUARDIAN_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _GUARDIAN_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_guardian_fds_in_child)
 
 
 class Guardian:
@@ -438,6 +494,7 @@ class Guardian:
             os.close(read_fd)
         proc.returncode = 0  # reaped by stopstep itself
         self.pid, self._write_fd = proc.pid, write_fd
+        _GUARDIAN_FDS.add(write_fd)
         return self.pid
 
     def watch(self, pgid: int) -> None:
@@ -451,6 +508,7 @@ class Guardian:
         """stopstep is ending normally: the guardian leaves without a signal."""
         self._send("done\n")
         if self._write_fd is not None:
+            _GUARDIAN_FDS.discard(self._write_fd)
             os.close(self._write_fd)
             self._write_fd = None
         if self.pid is not None:
@@ -466,6 +524,7 @@ class Guardian:
         try:
             os.write(self._write_fd, text.encode())
         except OSError:  # the guardian is gone: nothing to tell
+            _GUARDIAN_FDS.discard(self._write_fd)
             os.close(self._write_fd)
             self._write_fd = None
 

@@ -105,7 +105,7 @@ class Sentinel:
         self.sequence = None
         self.foreground = None
         self.cooperative = None  # how a received signal becomes a cooperative stop, when one can
-        self.on_abandon: Optional[Callable[[], None]] = None
+        self.on_abandon: Optional[Callable[[str, float], None]] = None  # (what, its time)
         self.terminal = None  # a TerminalSignals listener, while the command holds the terminal
         self._suspended = False  # stopstep stopped its own job after the command's Ctrl-Z
         self._attach_lock = threading.Lock()
@@ -277,16 +277,17 @@ class Sentinel:
                 self.post(Event(STOP_PROGRESS, None, ""))  # the loop looks at the sequence
 
     def _deadline_of(self, section) -> float:
-        # Once the tree is down (or the run winds down), a write gets write_limit, and
-        # what was already under way (a hook that sleeps) gets write_limit more; then
-        # the run ends without it. Before that, a slow reader slows the command as it
-        # would without stopstep, and a hook has its own --hook-timeout.
+        # Once the tree is down (or the run winds down), the writes still to do (the
+        # command's output, stopstep's messages) get write_limit in all, the report
+        # write_limit of its own, and what was already under way (a hook that sleeps)
+        # write_limit more; then the run ends without it. Before that, a slow reader slows
+        # the command as it would without stopstep, and a hook has its own --hook-timeout.
         finished = self._finished_at
         if finished == float("inf"):
             return section[1]
-        if section[4] == "write":
+        if section[4] == "report":  # the report has write_limit of its own, whatever came before
             return min(section[1], max(section[5], finished) + self.write_limit)
-        if section[5] <= finished:
+        if section[4] == "write" or section[5] <= finished:  # all the writes together: write_limit
             return min(section[1], finished + self.write_limit)
         return section[1]
 
@@ -310,7 +311,7 @@ class Sentinel:
             sequence = self.sequence
             if (sequence is None or sequence.finished) and now - self._fired_at >= ABANDON_AFTER:
                 self._abandoned = True
-                self.on_abandon()
+                self.on_abandon(what, seconds)
                 return
         if not self.inbox.active:
             return  # run() is not on the main thread: nothing there can be interrupted

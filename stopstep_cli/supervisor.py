@@ -20,7 +20,9 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
+import traceback
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 from . import outcome
@@ -34,6 +36,7 @@ from .hooks import (
     SessionRunHook,
     StopAtStepHook,
     TrainingSession,
+    safe_text,
 )
 from .observation import Observation
 from .outcome import RunFacts, conclude
@@ -163,13 +166,18 @@ class Supervisor:
         self._froze_gc = False
         self._source_fds: set = set()
         self._started = self._attempt_started = 0.0
+        self._run_thread: Optional[int] = None  # the thread in run(): where a stuck hook is
+        self._concluded = False  # the outcome is settled and the report handed over
 
     # -- the run --------------------------------------------------------------------
 
     def run(self) -> RunReport:
         if not sys.platform.startswith("linux"):
             raise StopstepError(f"stopstep supervises processes on Linux only, not on {sys.platform}")
+        if self._started:
+            raise StopstepError("this Supervisor has run already; make a new one for another run")
         self._started = time.monotonic()
+        self._run_thread = threading.get_ident()
         ensure_standard_fds()
         pid1 = os.getpid() == 1
         self._sentinel = Sentinel(all_catchable_signals() if pid1 else FORWARDED_SIGNALS,
@@ -200,6 +208,8 @@ class Supervisor:
                 else:
                     self._turn()
             self._finish()
+        except BaseException as exc:  # noqa: B902 - outside any hook call: see _crashed
+            self._crashed(exc)
         finally:
             self._tidy_up()
         return self.report
@@ -418,10 +428,15 @@ class Supervisor:
             self._stopping = self.sequence
             self._enter(Phase.STOPPING)
 
+    def _deadlines_run(self) -> bool:
+        """Deadline hooks (stall, time limit) are woken until a stop is under way; while
+        the target waits for its checkpoint the command still trains, so they go on."""
+        return self.runner.timed and (self.cause is None or self.phase is Phase.WAITING_FOR_CHECKPOINT)
+
     def _on_timer(self, name: str) -> None:
         now = time.monotonic()
         if name == "hooks":
-            if self.cause is None:
+            if self._deadlines_run():
                 self._run_hooks(lambda: self.runner.on_deadlines(self.session, self.coord, now))
                 if self.coord.should_stop():
                     self._request_stop(self.coord.reason, self.coord.exit_code, self.coord.message)
@@ -432,6 +447,7 @@ class Supervisor:
             self._pending.append(f"no complete checkpoint at or past step {self.report.target_step} "
                                  f"within {self.grace_period:g}s; stopping anyway: {done}")
         elif name == "restart" and self.phase is Phase.RESTART_DELAY:
+            self.report.restarts = self.restarts.restarts  # counted when it happens, not when it is planned
             self._enter(Phase.STARTING)
         elif name == "progress" and self.progress is not None:
             self.progress.tick(now, self.console)
@@ -444,7 +460,7 @@ class Supervisor:
 
     def _plan_wakes(self) -> None:
         """Put the hooks', the sources' and the progress line's next times in the table."""
-        if self.runner.timed and self.cause is None:
+        if self._deadlines_run():
             self._run_hooks(lambda: self.timers.set("hooks", self.runner.next_deadline()))
         else:
             self.timers.clear("hooks")
@@ -515,6 +531,22 @@ class Supervisor:
         self.session.pid = None  # no process until the next start (a stall clock rests)
         self._look_at_sources_once_more()
         self._flush_messages()
+        self._record_attempt(tree)
+        stopped = self.cause is not None or self._sentinel.received_signal is not None
+        if not self.restarts.should_restart(tree.returncode, stopped):
+            self._enter(Phase.DONE)
+            return
+        self._plan_wakes()  # a time limit holds in the restart delay too
+        number = self.restarts.count()
+        seen = "none" if self.steps.global_step is None else self.steps.global_step
+        delay = self.restarts.delay
+        self.console.info(f"command exited with status {outcome.exit_status(tree.returncode)} at step {seen}; "
+                          f"restarting{f' in {delay:g}s' if delay else ''} "
+                          f"(restart {number} of {self.restarts.max_restarts})")
+        self.timers.set("restart", time.monotonic() + delay)
+        self._enter(Phase.RESTART_DELAY)
+
+    def _record_attempt(self, tree: ProcessTree) -> None:
         self.report.child_returncode = tree.returncode
         self.report.attempts.append({
             "pid": tree.pid,
@@ -524,20 +556,6 @@ class Supervisor:
             "exit_status": outcome.exit_status(tree.returncode) if tree.returncode is not None else None,
             "duration_s": round(time.monotonic() - self._attempt_started, 3),
         })
-        stopped = self.cause is not None or self._sentinel.received_signal is not None
-        if not self.restarts.should_restart(tree.returncode, stopped):
-            self._enter(Phase.DONE)
-            return
-        self._plan_wakes()  # a time limit holds in the restart delay too
-        number = self.restarts.count()
-        self.report.restarts = number
-        seen = "none" if self.steps.global_step is None else self.steps.global_step
-        delay = self.restarts.delay
-        self.console.info(f"command exited with status {outcome.exit_status(tree.returncode)} at step {seen}; "
-                          f"restarting{f' in {delay:g}s' if delay else ''} "
-                          f"(restart {number} of {self.restarts.max_restarts})")
-        self.timers.set("restart", time.monotonic() + delay)
-        self._enter(Phase.RESTART_DELAY)
 
     def _look_at_sources_once_more(self) -> None:
         self._observe(self.sources.final())
@@ -606,6 +624,12 @@ class Supervisor:
                       obs: Optional[Observation] = None) -> None:
         """A hook (or a timer) asked to stop: now, or once the checkpoint is whole."""
         self._signal_came_first()
+        if self.cause is not None and self.phase is Phase.WAITING_FOR_CHECKPOINT and reason != outcome.TARGET_REACHED:
+            # the checkpoint at the target has not come: this stop (a time limit) is the one made
+            self.cause = StopCause(reason or outcome.HOOK_REQUESTED, exit_code)
+            self._pending.append(f"{message or 'stopping: ' + self.cause.reason} while waiting for the checkpoint; "
+                                 f"{self._stop_tree()}")
+            return
         if self.cause is not None:
             return
         reason = reason or outcome.HOOK_REQUESTED
@@ -733,7 +757,7 @@ class Supervisor:
     def _stop_mode(self, cause: Optional[StopCause]) -> Optional[str]:
         """How stopstep stopped the command: "cooperative" (it stopped itself when asked),
         "signal", or None when the command ended by itself."""
-        sequence = self.sequence
+        sequence = self._stopping  # a clean-up after the command exited by itself is no stop
         if cause is None or cause.reason == outcome.LAUNCH_FAILED or sequence is None:
             return None
         if sequence.began_cooperatively and not sequence.signal_sent:
@@ -756,6 +780,7 @@ class Supervisor:
         self._conclude(facts)
 
     def _conclude(self, facts: RunFacts) -> None:
+        self._concluded = True
         report = self.report
         report.duration_s = round(time.monotonic() - self._started, 6)
         facts = facts._replace(duration_s=report.duration_s)
@@ -778,22 +803,62 @@ class Supervisor:
             self.console.info(result.summary)
         if self.on_report is not None:
             try:
-                with self._sentinel.guard("writing the report", float("inf"), kind="write"):
+                with self._sentinel.guard("writing the report", float("inf"), kind="report"):
                     self.on_report(report)
             except Overrun:
                 self.console.error(f"the report's reader did not take it within {DRAIN_LIMIT:g}s; not written")
                 if report.exit_code == 0:
                     report.exit_code = outcome.EXIT_OWN_FAILURE
+            received = self._sentinel.received_signal
+            if received is not None and report.received_signal is None:  # it came during the write
+                report.received_signal = outcome.signal_name(received)
+                report.exit_code = outcome.exit_for_signal(received)
 
-    def _abandon(self) -> None:
+    def _crashed(self, exc: BaseException) -> None:
+        """Something raised outside any hook call: a hook's own signal handler (it runs
+        wherever the loop is), or stopstep itself. The tree comes down, the report is
+        written, and the status is stopstep's own failure (125)."""
+        if self._concluded:  # it ended already; what failed came after the report
+            raise exc
+        where = "a signal handler a hook installed, or stopstep itself"
+        self.console.error(f"error: {type(exc).__name__}: {safe_text(exc)} (raised outside any hook call: "
+                           f"{where}); bringing the tree down")
+        self.console.debug("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
+        self.cause = StopCause(outcome.INTERNAL_ERROR, outcome.EXIT_OWN_FAILURE)
+        tree = self.tree
+        if tree is not None and not tree.reaped and tree.pid is not None:
+            self._stopping = self._stopping or self.sequence
+            if self.sequence is not None and not self.sequence.finished:
+                self.sequence.begin()  # (recorded as the stop signal when it was not sent yet)
+                tree.kill_all(tree.live_members() or [])
+                self.sequence.killed = True
+            self._sentinel.detach()
+            if self._guardian is not None:
+                self._guardian.forget()
+            tree.reap()
+            self._record_attempt(tree)
+        self._conclude(self._facts())
+
+    def _abandon(self, what: str, seconds: float) -> None:
         """On the sentinel's thread: the main thread is stuck in a hook that will not
-        come back, and the tree is down. Say so and hand over the report."""
-        self.hook_error = self.hook_error or HookFailed(None, "", TimeoutError("did not come back"), where="?")
+        come back, and the tree is down. Say so, show where it is stuck, and hand over
+        the report."""
+        self.hook_error = self.hook_error or HookFailed(None, "", TimeoutError("did not come back"), where=what)
         if self.cause is None or self.cause.reason != outcome.SIGNAL:
             self.cause = StopCause(outcome.HOOK_ERROR, outcome.EXIT_HOOK_FAILED)  # whatever it was stopping for
         if self._guardian is not None:
             self._guardian.release()  # the tree is down; the process ends without the usual tidy-up
-        self.console.error("a hook did not come back after it was interrupted; ending without it")
+        self._stopping = self._stopping or self.sequence  # the sentinel sent the stop signal
+        tree = self.tree
+        if tree is not None and tree.returncode is None:
+            tree.poll_exit()
+        if tree is not None and not self.report.attempts:
+            self._record_attempt(tree)
+        self.console.error(f"{what} did not return within {seconds:g}s and did not come back after it was "
+                           f"interrupted (--hook-timeout {self.hook_timeout:g}); ending without it. It is stuck in:")
+        frame = sys._current_frames().get(self._run_thread)
+        if frame is not None:
+            self.console.error("    " + "".join(traceback.format_stack(frame)).rstrip().replace("\n", "\n    "))
         self._conclude(self._facts())  # (gives the terminal's status row back too)
         if self._foreground is not None:
             self._foreground.restore()

@@ -49,6 +49,14 @@ def test_conclude(facts, reason, code):
     assert len(result.summary) <= outcome.SUMMARY_WIDTH and result.summary.endswith(f"exit {code}")
 
 
+def test_the_summary_names_the_signal_that_ended_the_command_and_shows_a_reasons_control_characters():
+    line = conclude(RunFacts(stop_reason="target_reached", returncode=-int(signal.SIGUSR1), target_step=5,
+                             last_step_seen=5, stop_signal=INT)).summary
+    assert "command killed by SIGUSR1 (138)" in line  # not "exited 138 on SIGINT": SIGINT did not end it
+    line = conclude(RunFacts(stop_reason="a\nb\x1b[31m", stop_exit_code=9, returncode=130, stop_signal=INT)).summary
+    assert "stopped (a\\nb\\x1b[31m)" in line and "\n" not in line and "\x1b" not in line
+
+
 def test_summary_lines_say_what_each_figure_is():
     line = conclude(RunFacts(stop_reason="target_reached", returncode=130, target_step=20, last_step_seen=20,
                              duration_s=4.2, steps_per_s=1.0, stop_signal=INT)).summary

@@ -465,4 +465,6 @@ def test_a_signal_during_the_restart_delay_ends_the_run(tmp_path):
     assert proc.returncode == 143
     report = json.loads(report_path.read_text())
     assert report["reason"] == "signal" and report["received_signal"] == "SIGTERM"
-    assert report["restarts"] == 1 and len(report["attempts"]) == 1
+    # the restart never happened, and stopstep stopped nothing: the command had crashed by itself
+    assert report["restarts"] == 0 and len(report["attempts"]) == 1
+    assert report["stop_mode"] is None and report["stop_signal"] is None

@@ -156,6 +156,43 @@ HOSTILE_HOOKS = textwrap.dedent("""
             self.helper.kill()
             self.helper.wait()
 
+    class ExitCodeThatLies(SessionRunHook):
+        def after_run(self, ctx, values):
+            class Lies(int):
+                def __int__(self):
+                    return 300
+            ctx.request_stop(exit_code=Lies(7))
+
+    class DeadlineTooBigForAFloat(SessionRunHook):
+        def deadline(self):
+            return 10 ** 400
+
+    class HandlerThatRaises(SessionRunHook):
+        # a library's "save on SIGTERM" handler that goes wrong: it runs wherever stopstep's loop is
+        def begin(self):
+            import signal
+            def handler(signum, frame):
+                raise RuntimeError(f"handler for {signum} failed")
+            signal.signal(signal.SIGTERM, handler)
+
+    class HelperInItsOwnSession(SessionRunHook):
+        # a helper of the hook's (a metrics uploader), in a session of its own: not the command's
+        def after_create_session(self, session, coord):
+            import subprocess
+            self.helper = subprocess.Popen(["sh", "-c", "sleep 1; exit 6"], start_new_session=True)
+
+        def end(self, session):
+            status = self.helper.wait()
+            if status != 6:
+                raise RuntimeError(f"my helper's status is {status}, not 6")
+
+    class Forks(SessionRunHook):
+        # a hook that forks without exec (multiprocessing's fork start method)
+        def after_create_session(self, session, coord):
+            if os.fork() == 0:
+                time.sleep(300)  # longer than the test waits
+                os._exit(0)
+
     class SlowBegin(SessionRunHook):
         def __init__(self, marker):
             self.marker = marker
@@ -195,6 +232,7 @@ def gone(pid: int) -> bool:
     ("FetchesACycle", "hook FetchesACycle.before_run raised RecursionError"),
     ("FetchesRaise", "hook FetchesRaise.before_run raised ValueError: no fetches"),
     ("SignalReason", "request_stop(reason='signal') is a reason only stopstep itself gives"),
+    ("DeadlineTooBigForAFloat", "deadline() returned 1000000"),
 ])
 def test_a_hook_that_escapes_or_breaks_the_contract_fails_the_run_cleanly(tmp_path, pidfile, hooks, hook, says):
     result, report = run_with_report(tmp_path, "--last-step", "100000", "--hook", hooks + hook, "--",
@@ -226,6 +264,37 @@ def test_a_hook_that_does_not_return_is_interrupted_at_the_hook_timeout(tmp_path
     assert report["reason"] == "hook_error"
     assert (tmp_path / "hook.sleeping").exists() and not (tmp_path / "hook.done").exists()
     assert_all_gone(read_pids(pidfile))
+
+
+def test_an_exit_code_whose_int_lies_is_taken_for_what_it_is(tmp_path, hooks):
+    result, report = run_with_report(tmp_path, "--last-step", "100000", "--hook", hooks + "ExitCodeThatLies",
+                                     "--", *trainer("--rate", "50"))
+    assert result.returncode == 7 and report["exit_code"] == 7, result.stderr.decode()
+    assert result.stderr.decode().rstrip().endswith("exit 7")
+
+
+def test_a_signal_handler_of_a_hook_that_raises_still_brings_the_tree_down(tmp_path, pidfile, hooks):
+    report_path = tmp_path / "r.json"
+    proc = start_stopstep("run", "--last-step", "100000", "--report", report_path, "--hook",
+                          hooks + "HandlerThatRaises", "--", *trainer("--rate", "20", "--workers", "2",
+                                                                      "--pidfile", pidfile))
+    wait_for_output(proc.stdout, b"step 2 ")
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 143, err.decode()  # the SIGTERM it received still decides the status
+    assert b"RuntimeError: handler for 15 failed (raised outside any hook call" in err
+    assert b"Traceback" not in err  # one line; the traceback is for -v
+    report = json.loads(report_path.read_text())
+    assert report["reason"] == "internal_error" and report["received_signal"] == "SIGTERM"
+    assert_all_gone(read_pids(pidfile))
+
+
+def test_a_hooks_helper_in_its_own_session_is_neither_signalled_nor_reaped(tmp_path, hooks):
+    result, report = run_with_report(tmp_path, "--last-step", "10", "--grace-period", "5",
+                                     "--hook", hooks + "HelperInItsOwnSession", "--", *trainer("--rate", "50"))
+    err = result.stderr.decode()
+    assert result.returncode == 0, err  # end() saw its helper's own status, 6
+    assert "outlived the command" not in err and report["killed"] is False
 
 
 def test_a_message_that_cannot_be_formatted_is_taken_as_text(tmp_path, hooks):
@@ -273,7 +342,13 @@ def test_a_hook_that_swallows_the_interruption_is_left_behind(tmp_path, pidfile,
                                      *trainer("--rate", "50", "--workers", "2", "--pidfile", pidfile))
     assert result.returncode == 5, result.stderr.decode()
     assert report["reason"] == "hook_error"
-    assert b"a hook did not come back after it was interrupted" in result.stderr
+    err = result.stderr.decode()
+    # it says which hook, after how long, and where it is stuck
+    assert "hook SwallowsEverything.after_run did not return within 1s and did not come back" in err
+    assert "--hook-timeout 1" in err and "time.sleep(1000)" in err
+    # the report says what was done: the stop signal went out, the command's status, the attempt
+    assert report["stop_signal"] == "SIGINT" and report["child_returncode"] is not None
+    assert len(report["attempts"]) == 1
     assert_all_gone(read_pids(pidfile))
 
 
@@ -512,7 +587,34 @@ def test_a_command_that_exits_while_stopstep_waits_for_the_checkpoint_is_no_succ
     assert proc.returncode == status, err.decode()
     report = json.loads(report_path.read_text())
     assert report["reason"] == "checkpoint_missing" and report["last_checkpoint_step"] is None
+    assert report["stop_mode"] is None and report["stop_signal"] is None  # it exited by itself
     assert b"the command exited before a complete checkpoint at or past step 3 came" in err
+
+
+def test_the_time_limit_holds_while_waiting_for_the_checkpoint(tmp_path):
+    # the trainer trains on and never saves: the time limit, not the 60 s wait, ends it
+    result, report = run_with_report(tmp_path, "--last-step", "5", "--time-limit", "2", "--grace-period", "60",
+                                     "--checkpoint-dir", tmp_path, "--stop-after-checkpoint",
+                                     "--", *trainer("--rate", "20"), timeout=50)
+    assert result.returncode == 124, result.stderr.decode()
+    assert report["reason"] == "time_limit"
+    assert b"while waiting for the checkpoint" in result.stderr
+
+
+def test_a_signal_while_the_report_is_written_still_gives_128_plus_n(tmp_path):
+    fifo = tmp_path / "report"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader that opened it and never reads
+    try:
+        big = "x" * 100_000  # in the report's command: more than the pipe holds
+        proc = start_stopstep("run", "--last-step", "2", "--report", fifo, "--",
+                              sys.executable, "-c", "print('step 2')", big)
+        wait_for_output(proc.stderr, b"reached step 2")  # the summary comes just before the report
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        os.close(reader)
+    assert proc.returncode == 143, err.decode()
 
 
 def test_a_stall_clock_rests_in_the_restart_delay(tmp_path):
@@ -627,10 +729,13 @@ def test_the_report_to_a_descriptor_is_written_in_place(tmp_path):
     assert json.loads(text[text.index("{"):])["reason"] == "target_reached"
 
 
-def test_kill_9_of_stopstep_brings_a_shell_wrapped_command_down(tmp_path, pidfile):
+@pytest.mark.parametrize("hook", [None, "Forks"])
+def test_kill_9_of_stopstep_brings_a_shell_wrapped_command_down(tmp_path, pidfile, hooks, hook):
+    # with a hook that forked, its copy of stopstep must not keep the guardian waiting
     log = tmp_path / "train.log"
-    inner = " ".join(trainer("--rate", "20", "--pidfile", pidfile))
-    proc = start_stopstep("run", "--last-step", "100000", "--grace-period", "2", "--",
+    inner = " ".join(trainer("--rate", "20", "--steps", "1000000", "--pidfile", pidfile))
+    with_hook = ["--hook", hooks + hook] if hook else []
+    proc = start_stopstep("run", "--last-step", "100000", "--grace-period", "2", *with_hook, "--",
                           "bash", "-c", f"{inner} > {log}; echo done")
     wait_for_file(pidfile)
     wait_for_file(log, "step 2 ")

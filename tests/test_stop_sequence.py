@@ -181,3 +181,24 @@ def test_without_a_process_table_the_command_exit_ends_it():
     seq.begin()
     run_until_idle(seq, clock)
     assert seq.stage is Stage.DONE
+
+
+def test_once_the_tree_is_down_the_writes_share_one_bound_and_the_report_has_its_own():
+    import threading
+
+    from stopstep_cli.sentinel import Sentinel
+
+    made = []
+    maker = threading.Thread(target=lambda: made.append(Sentinel([], write_limit=3.0)))  # off the main
+    maker.start()  # thread: no signal handler is touched
+    maker.join()
+    sentinel = made[0]
+    inf = float("inf")
+    sentinel._finished_at = 100.0  # the tree came down at t=100
+    # (token, deadline, what, seconds, kind, armed at)
+    assert sentinel._deadline_of((1, inf, "the command's stderr", inf, "write", 99.0)) == 103.0
+    assert sentinel._deadline_of((2, inf, "stopstep's message", inf, "write", 102.5)) == 103.0  # not 105.5
+    assert sentinel._deadline_of((3, inf, "the report", inf, "report", 104.0)) == 107.0
+    assert sentinel._deadline_of((4, 101.0, "hook X.end", 1.0, "hook", 100.5)) == 101.0  # its own timeout
+    assert sentinel._deadline_of((5, 160.0, "hook X.end", 60.0, "hook", 99.0)) == 103.0
+    sentinel.close()
