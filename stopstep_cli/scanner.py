@@ -19,10 +19,14 @@ hundred such lines in one write is still read); each costs one regex search.
 The candidate lines before them are not read: their number is estimated from
 how densely step lines came in the part that was read, and added to the first
 observation's ``coalesced`` (counting them with ``bytes.count`` cost 1 ms a MiB
-here, most of what a flooded read cost). So the highest step of a read counts
-whenever it is among its last 64 step lines: a rank would have to fall more
-than 64 step lines behind the leader within one read for the lead to be
-missed. Context lines (Keras' ``Epoch 3/10``) before the examined lines still
+here, most of what a flooded read cost). When those 64 rise step by step (one
+process flooding), the lines before them hold lower steps. When they do not
+(ranks interleave; a summary of earlier steps follows the last one), the highest
+step may be further back, and the read is read again with a budget of
+:data:`MAX_LINES_INTERLEAVED` = 4,096 step lines: a rank would have to fall more
+than 4,096 step lines behind the leader within one read for the lead to be
+missed (that second look costs about 12 us a line, so up to 50 ms for a 1 MiB
+read of repeated steps, only when output floods that way). Context lines (Keras' ``Epoch 3/10``) before the examined lines still
 count: the last one is applied first.
 
 Why 64, measured on the 2-core Xeon this was written on (medians, machine
@@ -77,6 +81,10 @@ MAX_LINE = 64 * 1024
 
 #: Step lines read per read, from its end (K). See the module docstring.
 MAX_LINES_PER_READ = 64
+#: Step lines read when the last K of a read do not rise step by step (ranks interleave,
+#: a summary of earlier steps follows the last one): the highest step of the read may
+#: be further back. See the module docstring.
+MAX_LINES_INTERLEAVED = 4096
 #: Candidate lines that match no format examined per read at most (lines holding an
 #: anchor by chance: "parameters", "after"), so a step line followed by many of them
 #: in one read is still read, and a read of them costs a bounded number of searches.
@@ -212,11 +220,29 @@ class LineScanner:
     def _scan_complete(self, buf, a: int, b: int, out: List[Observation]) -> None:
         """The steps of the complete lines in ``buf[a:b]`` (``buf[b - 1]`` ends a line):
         the last ``max_lines`` candidate lines are read, in order; the ones before are
-        only counted (estimated) in the first observation's ``coalesced``."""
+        only counted (estimated) in the first observation's ``coalesced``. When those
+        lines do not rise step by step (ranks interleave), the read is read again with
+        :data:`MAX_LINES_INTERLEAVED`, since its highest step may come before them."""
+        first = len(out)
+        saved = {name: dict(state) for name, state in self.states.items()} if self.context_anchors else None
+        if not self._scan_window(buf, a, b, out, self.max_lines) or self.max_lines >= MAX_LINES_INTERLEAVED:
+            return
+        steps = [obs.step for obs in out[first:]]
+        if all(x < y for x, y in zip(steps, steps[1:])):
+            return  # one process flooding: the lines passed over came before, and lower
+        del out[first:]
+        if saved is not None:  # the context lines are read again, from where they stood
+            for name, state in saved.items():
+                self.states[name].clear()
+                self.states[name].update(state)
+        self._scan_window(buf, a, b, out, MAX_LINES_INTERLEAVED)
+
+    def _scan_window(self, buf, a: int, b: int, out: List[Observation], max_lines: int) -> bool:
+        """:meth:`_scan_complete` with a budget of ``max_lines`` step lines; whether it ran out."""
         window: List[Tuple[int, int, bool, bool]] = []
         pos, steps, misses = b, 0, 0
         max_line = self.max_line
-        while pos > a and steps < self.max_lines and misses < MAX_MISSES_PER_READ:
+        while pos > a and steps < max_lines and misses < MAX_MISSES_PER_READ:
             line = self._previous_candidate(buf, a, pos)
             if line is None:
                 pos = a
@@ -242,6 +268,7 @@ class LineScanner:
             # bytes.count over the read (1 ms a MiB here, most of a flooded read's
             # cost): estimated instead from how densely they came in what was read.
             out[first].coalesced += round((pos - a) * found / max(1, b - pos))
+        return pos > a
 
     def _previous_candidate(self, buf, a: int, pos: int) -> Optional[Tuple[int, int, bool]]:
         """The last candidate line in ``buf[a:pos]`` (which ends with a terminator), as (start,

@@ -21,7 +21,7 @@ from stopstep_cli.patterns import (
     compile_user_pattern,
     resolve_formats,
 )
-from stopstep_cli.scanner import LineScanner
+from stopstep_cli.scanner import MAX_LINES_INTERLEAVED, LineScanner
 
 
 def feed_all(scanner, *reads):
@@ -49,8 +49,25 @@ def test_interleaved_ranks_in_a_flood_keep_the_highest():
     # 8 ranks, each rank's line a step behind the one before: the highest comes 7 lines from the end
     data = b"".join(b"[rank%d]: step %d\n" % (rank, step - rank) for step in range(1, 2001) for rank in range(8))
     (got,) = feed_all(default_scanner(max_lines=64), data)
-    assert max(got) == 2000 and len(got) == 64
+    assert max(got) == 2000 and len(got) == MAX_LINES_INTERLEAVED  # they do not rise: a second, longer look
     assert got[-8:] == [2000 - rank for rank in range(8)]  # order kept
+
+
+@pytest.mark.parametrize("behind", [63, 64, 1000, 4000])
+def test_the_highest_step_counts_however_many_lower_lines_follow_it_in_the_read(behind):
+    # rank 0 leads; the other ranks' lines for the step before come after it in the same write
+    data = b"[rank0]: step 100\n" + b"".join(b"[rank%d]: step 99\n" % (k % 7 + 1) for k in range(behind))
+    (got,) = feed_all(default_scanner(), data)
+    assert max(got) == 100 and got[0] == 100 and len(got) == behind + 1
+
+
+def test_the_second_look_reads_context_lines_again_from_where_they_stood():
+    keras = (PRESETS["keras"],)
+    bar = "{n}/50 ━━━━━━━━━━━━━━━━━━━━ 1s 10ms/step - loss: 0.5\n"
+    # epoch 2's bar at 40, then 70 lines of an older bar (a log replayed): not rising
+    data = ("Epoch 2/2\n" + bar.format(n=40) + "".join(bar.format(n=30) for _ in range(70))).encode()
+    (got,) = feed_all(LineScanner(keras, "t", max_lines=4), data)
+    assert got[0] == 90 and max(got) == 90  # 50 + 40, in epoch 2 as written
 
 
 def test_a_flooded_read_costs_k_lines_and_counts_the_rest():
@@ -176,7 +193,7 @@ _CHILD = textwrap.dedent(
     """
     import sys, time
     from stopstep_cli.patterns import resolve_formats, compile_user_pattern
-    from stopstep_cli.scanner import LineScanner
+    from stopstep_cli.scanner import MAX_LINES_INTERLEAVED, LineScanner
     presets, pattern, line = sys.argv[1], sys.argv[2], sys.argv[3].encode().decode("unicode_escape").encode("utf-8")
     formats = tuple(compile_user_pattern(p) for p in [pattern] if p) + (
         resolve_formats(presets=presets.split(",")) if presets else ())

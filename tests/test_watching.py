@@ -312,9 +312,11 @@ def test_a_number_too_long_to_be_a_step_is_no_crash():
     assert b"Traceback" not in result.stderr
 
 
-def test_several_steps_in_one_read_the_highest_counts(tmp_path):
-    result, report = run_with_report(tmp_path, "--last-step", "100", "--require-target", "--",
-                                     "printf", "[rank0]: step 100\\n[rank1]: step 99\\n")
+@pytest.mark.parametrize("behind", [1, 64, 1000])
+def test_several_steps_in_one_read_the_highest_counts(tmp_path, behind):
+    # rank 0's step 100, then the other ranks' step 99, in one write
+    lines = "[rank0]: step 100\\n" + "".join(f"[rank{k % 7 + 1}]: step 99\\n" for k in range(behind))
+    result, report = run_with_report(tmp_path, "--last-step", "100", "--require-target", "--", "printf", lines)
     assert result.returncode == 0, result.stderr.decode()
     assert report["last_step_seen"] == 100
 
