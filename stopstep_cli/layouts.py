@@ -21,6 +21,8 @@ import struct
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
+from .patterns import step_int
+
 # -- file checks ------------------------------------------------------------------
 
 _EOCD = b"PK\x05\x06"
@@ -192,8 +194,8 @@ class Layout:
         match = self.entry_re.search(name)
         if match is None:
             return None
-        try:
-            return int(match.group("step") if "step" in self.entry_re.groupindex else match.group(1))
+        try:  # a name with more than 18 digits (a timestamp in nanoseconds) is no step
+            return step_int(match.group("step") if "step" in self.entry_re.groupindex else match.group(1))
         except (IndexError, TypeError, ValueError):
             return None
 

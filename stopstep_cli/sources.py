@@ -88,6 +88,9 @@ class FileWatcher:
         self._waker = waker
         self._changed: collections.deque = collections.deque()
         self._watches: Dict[str, list] = {}  # directory -> [watchdog handle, (dev, ino), set of sinks]
+        # Directories whose watch died with them (deleted, moved away, made again): a new
+        # directory often gets the old one's inode number back, so (dev, ino) cannot tell.
+        self._dead: Set[str] = set()
         watcher = self
 
         class _Handler(FileSystemEventHandler):
@@ -104,6 +107,10 @@ class FileWatcher:
                 dest = getattr(event, "dest_path", "")
                 if dest:
                     paths.append(os.fsdecode(dest))
+                if event.event_type in ("created", "deleted", "moved"):
+                    for path in paths:
+                        if path in watcher._watches:  # a watched directory itself came or went
+                            watcher._dead.add(path)
                 for sink in list(entry[2]):
                     for path in paths:
                         watcher._changed.append((sink, path))
@@ -114,16 +121,23 @@ class FileWatcher:
         self._observer.daemon = True
         self._observer.start()
 
-    def watch(self, directory: str, sink) -> None:
+    def watch(self, directory: str, sink) -> bool:
         """Watch one directory (not its subdirectories) for ``sink``; OSError when inotify
-        cannot (FileNotFoundError: the directory is gone already)."""
+        cannot (FileNotFoundError: the directory is gone already). True when a watch that
+        had died with its directory was made anew (what is in it now was not seen)."""
         identity = _identity(directory)
         if identity is None:
             raise FileNotFoundError(directory)
         entry = self._watches.get(directory)
-        if entry is not None and entry[1] != identity:  # not the directory watched any more
+        renewed = False
+        if entry is not None and (entry[1] != identity or directory in self._dead):  # not the one watched
+            self._dead.discard(directory)
+            renewed = bool(entry[2])
+            sinks = entry[2]
             self._drop(directory)
             entry = None
+        else:
+            sinks = set()
         if entry is None:
             try:
                 handle = self._observer.schedule(self._handler_type(directory), directory, recursive=False)
@@ -131,8 +145,9 @@ class FileWatcher:
                 raise
             except Exception as exc:  # watchdog wraps some failures in its own types
                 raise OSError(str(exc)) from None
-            entry = self._watches[directory] = [handle, identity, set()]
+            entry = self._watches[directory] = [handle, identity, sinks]
         entry[2].add(sink)
+        return renewed
 
     def unwatch(self, directory: str, sink) -> None:
         entry = self._watches.get(directory)
@@ -361,20 +376,25 @@ class _Watched(StepSource):
             # the directory (or where it will appear), what holds it, what holds each link on the way
             wanted = ({target, os.path.dirname(target)} | link_directories(self.directory) | self._extra
                       | self._more_directories())
-            self._rewatch(wanted)
+            if self._rewatch(wanted):
+                changed = True  # made again under the same inode number: look at all of it
         return changed
 
     def _more_directories(self) -> Set[str]:
         """Directories a subclass needs watched besides its own."""
         return set()
 
-    def _rewatch(self, wanted: Set[str]) -> None:
+    def _rewatch(self, wanted: Set[str]) -> bool:
+        """True when the directory's own watch was made anew (it had died with it)."""
+        renewed = False
         for directory in [d for d in self._handles if d not in wanted]:
             self._watcher.unwatch(directory, self)
             self._handles.discard(directory)
         for directory in sorted(wanted):
             try:
-                self._watcher.watch(directory, self)  # again: a directory made anew is watched anew
+                # again: a directory made anew is watched anew
+                if self._watcher.watch(directory, self) and directory == self.real:
+                    renewed = True
                 self._handles.add(directory)
             except FileNotFoundError:
                 self._handles.discard(directory)  # gone already: the next look follows it
@@ -384,7 +404,8 @@ class _Watched(StepSource):
                 why = "the watch limit is used up" if exc.errno == errno.ENOSPC else \
                     "the instance limit is used up" if exc.errno == errno.EMFILE else (exc.strerror or str(exc))
                 self._fall_back(f"inotify cannot watch more directories ({why})")
-                return
+                return renewed
+        return renewed
 
     def _schedule(self, now: float, soon: Optional[float] = None) -> None:
         due = now + (self.poll or SAFETY_LOOK)
@@ -506,6 +527,8 @@ class LogFileSource(_Watched):
         self.resume_point()
         if not os.path.isdir(os.path.realpath(self.directory)):
             self.say(f"{self.option} {show(self.path)}: {show(self.directory)} does not exist yet; watching for it")
+        elif not os.path.exists(self.path):  # a typo would otherwise say nothing until the end
+            self.say(f"{self.option} {show(self.path)} does not exist yet; watching for it")
         self._begin(watcher)
         return self._look((), everything=True)
 
@@ -704,6 +727,9 @@ class CheckpointSource(_Watched):
         self._listed_mono = time.monotonic()
         self._list_cost, self._dirty = self._listed_mono - began, False
         fresh = names if everything else names - self._listed
+        if not everything:  # the same name made again (a run that wiped the directory and started over)
+            fresh |= {name for name in names & self._seen_whole.keys()
+                      if self._seen_whole[name] != self._entry_identity(name)}
         self._listed = names
         if self.layout is None and fresh:
             self._detect(sorted(fresh))
@@ -923,12 +949,14 @@ class SourceSet:
             seen += source.final()
         return seen
 
-    def start_over_from(self, first_step: int) -> Optional[int]:
+    def start_over_from(self, first_step: int, strictly: bool = False) -> Optional[int]:
         """The command's first step is below the checkpoints found at launch: it did not
-        resume from the latest. Its start is the latest of them at or below that step (None:
-        a fresh start); the checkpoint sources forget the ones above it. That start."""
+        resume from the latest. Its start is the latest of them at or below that step
+        (``strictly``: below it, when the first step is a checkpoint the command wrote, which
+        cannot be the one it resumed from; None: a fresh start); the checkpoint sources
+        forget the ones above it. That start."""
         below = [step for source in self.sources for step in getattr(source, "complete_at_launch", {}).values()
-                 if step <= first_step]
+                 if (step < first_step if strictly else step <= first_step)]
         start = max(below) if below else None
         for source in self.sources:
             if isinstance(source, CheckpointSource):

@@ -75,7 +75,7 @@ class StartPoint:
         resumed = self.step
         if resumed is None or obs.step >= resumed:
             return
-        start = self.sources.start_over_from(obs.step)
+        start = self.sources.start_over_from(obs.step, strictly=obs.is_checkpoint)
         how = "fresh" if start is None else f"from step {start}"
         self._start_over(start, f"the command's first step is {obs.step}, below the checkpoint at step "
                                 f"{resumed}: it started {how}")

@@ -474,6 +474,73 @@ def test_a_checkpoint_that_breaks_a_completeness_check_is_not_complete(tmp_path,
     assert b"Traceback" not in result.stderr and report["last_checkpoint_step"] is None
 
 
+WIPE = "import shutil, os; shutil.rmtree('out'); os.mkdir('out')"  # as a Python trainer empties its output
+
+
+def test_a_directory_made_again_under_its_old_inode_number_is_watched_anew(tmp_path):
+    # on ext4 the new directory gets the deleted one's inode number back: only the events tell
+    (tmp_path / "out").mkdir()
+    log = tmp_path / "out" / "t.log"
+    command = f"{sys.executable} -c \"{WIPE}\" && exec " + " ".join(
+        trainer("--rate", "20", "--steps", "100", "--log-file", log))
+    result, report = run_with_report(tmp_path, "--last-step", "20", "--log-file", log, "--", "sh", "-c", command,
+                                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr.decode()
+    assert _stopped_near(report, 20, 3), report  # not at the 2 s safety look (step 40 or so)
+
+
+def _old_run(out, steps):
+    for step in steps:
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+
+@pytest.mark.parametrize("poll", [[], ["--poll", "0.2"]])
+def test_checkpoints_written_again_under_an_earlier_runs_names_count(tmp_path, poll):
+    out = tmp_path / "out"
+    _old_run(out, range(10, 101, 10))
+    command = f"{sys.executable} -c \"{WIPE}\" && exec " + " ".join(
+        trainer("--rate", "10", "--steps", "200", *QUIET, "--checkpoint-dir", out, "--layout", "hf",
+                "--save-every", "10"))
+    result, report = run_with_report(tmp_path, "--last-step", "50", *poll, "--checkpoint-dir", out, "--layout",
+                                     "hf", "--", "sh", "-c", command, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr.decode()
+    assert report["start_step"] is None and report["last_checkpoint_step"] == 50, report
+    assert _stopped_near(report, 50, 3), report
+
+
+def test_a_fresh_run_that_writes_an_old_checkpoints_step_first_started_fresh(tmp_path):
+    out = tmp_path / "out"
+    _old_run(out, (10, 30))
+    command = f"rm -rf {out}; mkdir {out}; exec " + " ".join(
+        trainer("--rate", "10", "--steps", "100", *QUIET, "--checkpoint-dir", out, "--layout", "hf",
+                "--save-every", "10"))
+    result, report = run_with_report(tmp_path, "--num-steps", "20", "--checkpoint-dir", out, "--layout", "hf",
+                                     "--", "sh", "-c", command)
+    assert result.returncode == 0, result.stderr.decode()
+    # its checkpoint-10 is its own: a run resumed from the old checkpoint-10 would write 20 first
+    assert report["start_step"] is None and report["target_step"] == 20, report
+
+
+@pytest.mark.parametrize("layout,name", [("orbax", "10000000000000000000"), ("hf", "checkpoint-99999999999999999999")])
+def test_a_checkpoint_name_with_more_than_18_digits_is_no_step(tmp_path, layout, name):
+    (tmp_path / "out").mkdir()
+    made = tmp_path / "out" / name
+    result, report = run_with_report(tmp_path, "--last-step", "20", "--checkpoint-dir", tmp_path / "out", "--layout",
+                                     layout, "--", "sh", "-c", f"mkdir {made}; echo saved; sleep 0.5")
+    assert result.returncode == 0, result.stderr.decode()
+    assert report["reason"] == "process_exited" and report["last_step_seen"] is None
+
+
+def test_a_log_file_that_is_not_there_at_launch_is_said_at_once(tmp_path):
+    proc = start_stopstep("run", "--last-step", "1", "--log-file", tmp_path / "typo.log", "--", "sleep", "30")
+    try:
+        wait_for_output(proc.stderr, b"typo.log does not exist yet; watching for it")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=TIMEOUT)
+
+
 def _stopped_near(report, target, slack):
     return report["reason"] == "target_reached" and target <= report["last_step_seen"] <= target + slack
 
