@@ -367,6 +367,10 @@ def _file_sources(formats, log_files, from_start, checkpoint_dirs, layout, check
     for option, paths in (("--checkpoint-dir", checkpoint_dirs), ("--log-file", log_files)):
         if any(not path for path in paths):
             raise UsageError(f"{option} needs a path (it was empty)")
+        for path in paths:
+            if path.startswith("-") and not os.path.lexists(path):  # `--log-file -- cmd` forgot the path
+                raise UsageError(f"{option} {path!r} looks like an option; give the path "
+                                 f"(./{path} if that is really its name)")
     for path in checkpoint_dirs:
         if os.path.exists(path) and not os.path.isdir(path):
             raise UsageError(f"--checkpoint-dir {path} is not a directory")

@@ -277,6 +277,8 @@ def test_a_resumed_progress_bar_starting_at_0_is_a_resume_and_its_rate_is_real(t
     (["--stop-signal", "KILL"], "SIGKILL cannot be the stop signal"),
     (["--report", ""], "--report needs a path"),
     (["--report", "--"], "looks like an option"),
+    (["--log-file", "--"], "--log-file '--' looks like an option"),
+    (["--checkpoint-dir", "-"], "--checkpoint-dir '-' looks like an option"),
     (["--pattern", r"(?P<loss>\d+)"], "step"),
     (["--nan-field", "nosuch", "--stop-on-nan"], "--stop-on-nan reads the value 'nosuch'"),
     (["--nan-field", "step", "--stop-on-nan"], "--stop-on-nan reads the value 'step'"),
