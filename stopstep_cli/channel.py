@@ -28,11 +28,9 @@ full is sent again at the next :meth:`InProcessChannel.receive`.
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import socket
-import tempfile
 import time
 from typing import Dict, List, Mapping, Optional, Set
 
@@ -94,7 +92,7 @@ class InProcessChannel:
     """The bound socket, the processes that reported on it, and what was announced to them."""
 
     def __init__(self, directory: Optional[str] = None):
-        self._dir = tempfile.mkdtemp(prefix="stopstep-", dir=directory or _short_temp_dir())  # mode 0700
+        self._dir = _private_directory(directory or _short_temp_dir())
         self.path = os.path.join(self._dir, "channel")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
@@ -197,7 +195,7 @@ class InProcessChannel:
 
     def _send(self, address, message: dict) -> bool:
         try:
-            self._sock.sendto(json.dumps(message, separators=(",", ":")).encode(), address)
+            self._sock.sendto(_json().dumps(message, separators=(",", ":")).encode(), address)
             return True
         except BlockingIOError:  # its queue is full: again at the next receive()
             self._unsent.add(address)
@@ -250,7 +248,7 @@ class InProcessChannel:
 def parse_message(data: bytes) -> Optional[dict]:
     """One datagram as a message of the protocol, or None when it is not one."""
     try:
-        message = json.loads(data)
+        message = _json().loads(data)
     except (ValueError, UnicodeDecodeError):
         return None
     if not isinstance(message, dict):
@@ -279,9 +277,39 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _json():
+    """json, imported when the first message comes or goes: a run whose command never
+    engages (not Python, no framework) does not pay for it at start-up."""
+    import json
+
+    return json
+
+
+def _private_directory(base: str) -> str:
+    """A new directory only we can enter (what tempfile.mkdtemp does, without importing
+    tempfile and what it imports: a few milliseconds of every start-up)."""
+    for _ in range(100):
+        path = os.path.join(base, "stopstep-" + os.urandom(6).hex())
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free name for a directory in {base}")
+
+
 def _short_temp_dir() -> str:
     """The temp directory, unless a socket path in it would be too long for sun_path."""
-    base = tempfile.gettempdir()
-    if len(os.path.join(base, "stopstep-xxxxxxxx", "channel")) <= _SUN_PATH_MAX:
+    base = _temp_dir()
+    if len(os.path.join(base, "stopstep-xxxxxxxxxxxx", "channel")) <= _SUN_PATH_MAX:
         return base
+    return "/tmp"
+
+
+def _temp_dir() -> str:
+    """tempfile.gettempdir()'s choice: $TMPDIR, $TEMP or $TMP if it is a writable directory, else /tmp."""
+    for name in ("TMPDIR", "TEMP", "TMP"):
+        path = os.environ.get(name)
+        if path and os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK):
+            return os.path.abspath(path)
     return "/tmp"

@@ -25,7 +25,7 @@ class Observation:
     what a log file already held at launch (``--log-file-from-start``).
     """
 
-    __slots__ = ("step", "fields", "source", "kind", "path", "coalesced", "line", "time", "historic")
+    __slots__ = ("step", "fields", "source", "kind", "path", "coalesced", "line", "time", "historic", "is_checkpoint")
 
     def __init__(self, step: int, fields: Optional[Dict[str, object]] = None, source: str = "",
                  kind: str = OUTPUT, path: Optional[str] = None, coalesced: int = 0, line: str = "",
@@ -39,10 +39,7 @@ class Observation:
         self.line = line
         self.time = time
         self.historic = False  # seen in what a log already held at launch: not the command's own step
-
-    @property
-    def is_checkpoint(self) -> bool:
-        return self.kind == CHECKPOINT
+        self.is_checkpoint = kind == CHECKPOINT  # asked several times a line: kept, not derived each time
 
     def __repr__(self) -> str:
         return f"Observation(step={self.step}, kind={self.kind!r}, source={self.source!r}, fields={self.fields})"

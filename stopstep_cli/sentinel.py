@@ -153,6 +153,19 @@ class Sentinel:
         """``with sentinel.guard("hook X.after_run", 60): ...`` raises Overrun past the deadline."""
         return _Section(self, what, seconds, kind)
 
+    def enter(self, what: str, seconds: float, kind: str = "hook"):
+        """:meth:`guard` without a context-manager object, for the per-line path (every
+        hook call): ``outer = sentinel.enter(...)``, then ``sentinel.leave(outer)`` in a
+        ``finally``."""
+        outer = self._section
+        self._token += 1
+        now = time.monotonic()
+        self._section = (self._token, now + seconds, what, seconds, kind, now)
+        return outer
+
+    def leave(self, outer) -> None:
+        self._section = outer
+
     def wake(self) -> None:
         self._wake.wake()
 

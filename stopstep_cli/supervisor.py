@@ -22,7 +22,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 from . import outcome
@@ -592,11 +591,14 @@ class Supervisor:
 
     def _call_hook(self, hook, method: str, *args):
         """Every hook call: bounded by --hook-timeout, whatever it raises contained."""
+        sentinel = self._sentinel
+        outer = sentinel.enter(f"hook {type(hook).__name__}.{method}", self.hook_timeout)
         try:
-            with self._sentinel.guard(f"hook {type(hook).__name__}.{method}", self.hook_timeout):
-                return getattr(hook, method)(*args)
+            return getattr(hook, method)(*args)
         except BaseException as exc:  # noqa: B902 - SystemExit, KeyboardInterrupt and Overrun included
             raise HookFailed(hook, method, exc) from exc
+        finally:
+            sentinel.leave(outer)
 
     def _run_hooks(self, call):
         """Run a lifecycle step; a failed hook stops the run (exit 5)."""
@@ -823,6 +825,8 @@ class Supervisor:
         where = "a signal handler a hook installed, or stopstep itself"
         self.console.error(f"error: {type(exc).__name__}: {safe_text(exc)} (raised outside any hook call: "
                            f"{where}); bringing the tree down")
+        import traceback
+
         self.console.debug("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
         self.cause = StopCause(outcome.INTERNAL_ERROR, outcome.EXIT_OWN_FAILURE)
         tree = self.tree
@@ -858,6 +862,8 @@ class Supervisor:
                            f"interrupted (--hook-timeout {self.hook_timeout:g}); ending without it. It is stuck in:")
         frame = sys._current_frames().get(self._run_thread)
         if frame is not None:
+            import traceback
+
             self.console.error("    " + "".join(traceback.format_stack(frame)).rstrip().replace("\n", "\n    "))
         self._conclude(self._facts())  # (gives the terminal's status row back too)
         if self._foreground is not None:
