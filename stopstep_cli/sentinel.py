@@ -100,6 +100,7 @@ class Sentinel:
         self.check_interval = check_interval
         self.write_limit = write_limit  # a write may take this long once the tree is down
         self._finished_at = float("inf")  # when the attached stop sequence finished
+        self._hook_cut_at = float("-inf")  # when a hook running past the tree's end was cut short
         self.received_signal: Optional[int] = None  # the first terminating signal, in any phase
         self.tree = None
         self.sequence = None
@@ -130,6 +131,7 @@ class Sentinel:
         with self._attach_lock:
             self.tree, self.sequence = tree, sequence
             self._finished_at = float("inf")
+            self._hook_cut_at = float("-inf")
         self.wake()
 
     def detach(self) -> None:
@@ -290,17 +292,21 @@ class Sentinel:
                 self.post(Event(STOP_PROGRESS, None, ""))  # the loop looks at the sequence
 
     def _deadline_of(self, section) -> float:
-        # Once the tree is down (or the run winds down), the writes still to do (the
-        # command's output, stopstep's messages) get write_limit in all, the report
-        # write_limit of its own, and what was already under way (a hook that sleeps)
-        # write_limit more; then the run ends without it. Before that, a slow reader slows
-        # the command as it would without stopstep, and a hook has its own --hook-timeout.
+        # Once the tree is down (or the run winds down), what was already under way (a
+        # hook that sleeps) gets write_limit more; then the run goes on without it. The
+        # writes still to do (the command's output, stopstep's messages) get write_limit in
+        # all, counted from when no hook holds them back any more (the messages of the stop
+        # itself wait for the hook), and the report write_limit of its own. Before that, a
+        # slow reader slows the command as it would without stopstep, and a hook has its
+        # own --hook-timeout.
         finished = self._finished_at
         if finished == float("inf"):
             return section[1]
         if section[4] == "report":  # the report has write_limit of its own, whatever came before
             return min(section[1], max(section[5], finished) + self.write_limit)
-        if section[4] == "write" or section[5] <= finished:  # all the writes together: write_limit
+        if section[4] == "write":  # all the writes together: write_limit
+            return min(section[1], max(finished, self._hook_cut_at) + self.write_limit)
+        if section[5] <= finished:  # a hook under way when the tree came down
             return min(section[1], finished + self.write_limit)
         return section[1]
 
@@ -313,6 +319,8 @@ class Sentinel:
             return
         if now < deadline:  # cut short: the tree is down
             seconds = self.write_limit
+            if kind == "hook" and token != self._fired:
+                self._hook_cut_at = now  # the writes it held back get their time from here
         if token != self._fired:
             self._fired, self._fired_at = token, now
             if kind == "hook" and now >= deadline:

@@ -38,7 +38,7 @@ import errno
 import os
 import stat
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .layouts import Layout, detect_layout, make_layout
 from .observation import CHECKPOINT, LOG_FILE, Observation
@@ -50,6 +50,10 @@ from .waker import Waker
 LOG_READS_PER_TURN = 16
 #: Seconds between the looks every source takes even when inotify tells it of changes.
 SAFETY_LOOK = 2.0
+#: Seconds after the watched directory changed (made again, a link re-pointed) to look once more.
+LOOK_AGAIN_AFTER_A_MOVE = 0.1
+#: How many times a source re-makes its watches in one go while the directory keeps moving.
+FOLLOW_ROUNDS = 3
 #: Seconds between looks when inotify cannot be had.
 FALLBACK_POLL = 1.0
 #: The share of a core listing a polled checkpoint directory may take (a 100,000-entry
@@ -139,13 +143,16 @@ class FileWatcher:
         else:
             sinks = set()
         if entry is None:
+            # In the table before the watch exists: an event of the watch's first moment
+            # (the directory deleted at once) must find it, to mark it dead.
+            entry = self._watches[directory] = [None, identity, sinks]
             try:
-                handle = self._observer.schedule(self._handler_type(directory), directory, recursive=False)
-            except OSError:
-                raise
-            except Exception as exc:  # watchdog wraps some failures in its own types
-                raise OSError(str(exc)) from None
-            entry = self._watches[directory] = [handle, identity, sinks]
+                entry[0] = self._observer.schedule(self._handler_type(directory), directory, recursive=False)
+            except Exception as exc:
+                del self._watches[directory]
+                if isinstance(exc, OSError):
+                    raise
+                raise OSError(str(exc)) from None  # watchdog wraps some failures in its own types
         entry[2].add(sink)
         return renewed
 
@@ -158,7 +165,7 @@ class FileWatcher:
 
     def _drop(self, directory: str) -> None:
         entry = self._watches.pop(directory, None)
-        if entry is not None:
+        if entry is not None and entry[0] is not None:
             try:
                 self._observer.unschedule(entry[0])
             except Exception:  # already gone (its directory was deleted)
@@ -204,6 +211,19 @@ def _size(path: str) -> int:
         return os.stat(path).st_size
     except OSError:
         return -1
+
+
+def _where(directory: str) -> Tuple[Optional[tuple], str, bool]:
+    """((path, dev, ino) of ``directory``'s real path or of its nearest existing ancestor,
+    or None), the real path, whether it exists."""
+    real = os.path.realpath(directory)
+    exists = os.path.isdir(real)
+    target = real if exists else _nearest_existing(real)
+    try:
+        st = os.stat(target)
+    except OSError:
+        return None, real, exists
+    return (target, st.st_dev, st.st_ino), real, exists
 
 
 def _nearest_existing(path: str) -> str:
@@ -356,14 +376,21 @@ class _Watched(StepSource):
     def _follow(self) -> bool:
         """Make the watches match what is on disk now; True when the directory
         watched changed (it appeared, was made again, or a link was re-pointed)."""
-        real = os.path.realpath(self.directory)
-        exists = os.path.isdir(real)
-        target = real if exists else _nearest_existing(real)
-        try:
-            st = os.stat(target)
-        except OSError:
+        changed = False
+        for _ in range(FOLLOW_ROUNDS):
+            moved = self._follow_once()
+            changed = changed or moved
+            # A directory that appeared (or moved) between the look and its new watch made
+            # its event before anyone listened: look again until the watches match the disk.
+            if not moved or self._watcher is None or _where(self.directory)[0] == self._identity:
+                break
+        return changed
+
+    def _follow_once(self) -> bool:
+        identity, real, exists = _where(self.directory)
+        if identity is None:
             return False
-        identity = (target, st.st_dev, st.st_ino)
+        target = identity[0]
         changed = identity != self._identity
         if changed:
             self._identity = identity
@@ -415,10 +442,19 @@ class _Watched(StepSource):
 
     def tick(self, now: float) -> List[Observation]:
         self._schedule(now)
-        return self._look((), everything=self._follow())
+        return self._look((), everything=self._moved())
 
     def on_change(self, paths: Iterable[str]) -> List[Observation]:
-        return self._look(paths, everything=self._follow())
+        return self._look(paths, everything=self._moved())
+
+    def _moved(self) -> bool:
+        """:meth:`_follow`; when the directory watched changed, one more look soon after:
+        what was written in it while the watches moved makes no event."""
+        changed = self._follow()
+        if changed:
+            now = time.monotonic()
+            self._schedule(now, soon=now + LOOK_AGAIN_AFTER_A_MOVE)
+        return changed
 
     def _look(self, paths: Iterable[str], everything: bool) -> List[Observation]:
         raise NotImplementedError

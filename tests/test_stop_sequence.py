@@ -201,4 +201,7 @@ def test_once_the_tree_is_down_the_writes_share_one_bound_and_the_report_has_its
     assert sentinel._deadline_of((3, inf, "the report", inf, "report", 104.0)) == 107.0
     assert sentinel._deadline_of((4, 101.0, "hook X.end", 1.0, "hook", 100.5)) == 101.0  # its own timeout
     assert sentinel._deadline_of((5, 160.0, "hook X.end", 60.0, "hook", 99.0)) == 103.0
+    sentinel._hook_cut_at = 103.0  # that hook was cut short: the messages it held back get their time
+    assert sentinel._deadline_of((6, inf, "stopstep's message", inf, "write", 103.1)) == 106.0
+    assert sentinel._deadline_of((7, inf, "the report", inf, "report", 105.0)) == 108.0
     sentinel.close()
