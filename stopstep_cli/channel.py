@@ -35,6 +35,7 @@ import time
 from typing import Dict, List, Mapping, Optional, Set
 
 from .observation import IN_PROCESS, Observation
+from .patterns import number_or_text
 
 #: The directory ``stopstep run`` puts first on the command's PYTHONPATH.
 SITE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_site")
@@ -117,7 +118,10 @@ class InProcessChannel:
         (before what ``base_env``, by default ``os.environ``, has there), the channel,
         and the target (empty when not known yet, so none is inherited from outside)."""
         base = os.environ if base_env is None else base_env
-        kept = [p for p in base.get("PYTHONPATH", "").split(os.pathsep) if p and p != SITE_DIR]
+        given = base.get("PYTHONPATH", "")
+        # An empty entry is the working directory (`PYTHONPATH=$PYTHONPATH:/x` with none set
+        # before makes one): kept as it was, only ours is put in front.
+        kept = [p for p in given.split(os.pathsep) if p != SITE_DIR] if given else []
         return {
             "PYTHONPATH": os.pathsep.join([SITE_DIR] + kept),
             CHANNEL_ENV: self.path,
@@ -217,9 +221,11 @@ class InProcessChannel:
         Steps the process did not report on their own count as ``coalesced``."""
         if message.get("t") not in (STEP, STOPPING):
             return None
+        values = message.get("v") or {}
         return Observation(
             message["step"],
-            fields=dict(message.get("v") or {}),
+            # as a log line's: a value that reads as a number is one ("nan" included)
+            fields={key: number_or_text(value) if isinstance(value, str) else value for key, value in values.items()},
             source=f"in-process:rank{message.get('rank', 0)}",
             kind=IN_PROCESS,
             coalesced=message.get("skipped", 0),

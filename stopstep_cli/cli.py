@@ -27,7 +27,7 @@ from .patterns import (
 )
 from .progress import Progress, github_step_summary
 from .report import check_report_path, write_report
-from .signals import parse_stop_signal
+from .signals import parse_stop_signal, release_early
 from .standard_hooks import NanLossHook, StallHook, TimeLimitHook
 from .terminal import is_terminal
 
@@ -86,7 +86,8 @@ ENVIRONMENT = (
     ("STOPSTEP_COOPERATIVE", "stopstep", "1/0, true/false: --cooperative / --no-cooperative"),
     ("GITHUB_STEP_SUMMARY", "stopstep", "a file: the run's summary is appended to it as Markdown"),
     ("_STOPSTEP_COMPLETE", "stopstep", "bash_source, zsh_source or fish_source: print shell completion"),
-    ("PYTHONPATH", "the command", "stopstep puts its in-process side first on it (with --cooperative)"),
+    ("PYTHONPATH", "the command",
+     "stopstep puts its in-process side first on it, the rest kept as it was (with --cooperative)"),
     (CHANNEL_ENV, "the command", "set by stopstep: where the command's Python processes report steps"),
     (TARGET_ENV, "the command", "set by stopstep: the absolute target step (empty while not known)"),
     (DISABLE_ENV, "the command", "set it to 1 in a process to keep the in-process side out of it"),
@@ -129,6 +130,8 @@ def cli(ctx: click.Context) -> None:
       stopstep run --last-step 5000 -- python train.py
       stopstep run --help
     """
+    if ctx.invoked_subcommand != "run":  # nothing to pass signals on to: Ctrl-C ends it at once
+        release_early()
     if ctx.invoked_subcommand is None:  # bare `stopstep`: the help, and a success
         click.echo(ctx.get_help())
 

@@ -25,6 +25,37 @@ from .patterns import step_int
 
 # -- file checks ------------------------------------------------------------------
 
+#: the most of one small file (a state or pointer file, a safetensors header) read to check it
+SMALL_FILE_LIMIT = 256 * 1024 * 1024
+
+
+def _open_regular(path: str):
+    """``path`` opened for reading in binary, when it is a regular file (through links).
+
+    A FIFO would block ``open()`` for good and a device such as /dev/zero never ends:
+    neither is a checkpoint file, and either, linked in, must not hold the loop."""
+    import errno
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_small(fh, size: int = -1) -> bytes:
+    """Up to ``size`` bytes (all when -1), refusing what passes SMALL_FILE_LIMIT."""
+    limit = SMALL_FILE_LIMIT if size < 0 else min(size, SMALL_FILE_LIMIT)
+    data = fh.read(limit + (1 if size < 0 else 0))
+    if len(data) > SMALL_FILE_LIMIT:
+        raise OSError(0, f"over {SMALL_FILE_LIMIT >> 20} MiB")
+    return data
+
+
 _EOCD = b"PK\x05\x06"
 _ZIP64_LOCATOR = b"PK\x06\x07"
 _ZIP64_EOCD = b"PK\x06\x06"
@@ -35,7 +66,7 @@ def zip_problem(path: str) -> Optional[str]:
     when its end record parses and its central directory ends exactly where that
     record begins."""
     try:
-        with open(path, "rb") as fh:
+        with _open_regular(path) as fh:
             size = os.fstat(fh.fileno()).st_size
             if size < 22:
                 return f"{size} bytes: too short for a zip archive"
@@ -91,12 +122,12 @@ def safetensors_is_whole(path: str) -> bool:
     import json
 
     try:
-        with open(path, "rb") as fh:
+        with _open_regular(path) as fh:
             size = os.fstat(fh.fileno()).st_size
             (header_len,) = struct.unpack("<Q", fh.read(8))
             if 8 + header_len > size:
                 return False
-            header = json.loads(fh.read(header_len))
+            header = json.loads(_read_small(fh, header_len))
     except (OSError, struct.error, ValueError):
         return False
     ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
@@ -107,8 +138,8 @@ def read_pointer(path: str) -> Optional[str]:
     """The stripped text of a pointer file; None while it is missing or empty
     (pointer files are written in place, so empty means "not yet")."""
     try:
-        with open(path, "r", encoding="utf-8", errors="replace") as fh:
-            text = fh.read().strip()
+        with _open_regular(path) as fh:
+            text = _read_small(fh).decode("utf-8", "replace").strip()
     except OSError:
         return None
     return text or None
@@ -119,7 +150,7 @@ def _weights_problem(path: str) -> Optional[str]:
     if path.endswith(".safetensors"):
         return None if safetensors_is_whole(path) else "not a whole safetensors file"
     if path.endswith((".pt", ".pth", ".ckpt", ".bin", ".keras")):
-        with open(path, "rb") as fh:
+        with _open_regular(path) as fh:
             magic = fh.read(4)
         # torch.save's legacy (non-zip) format has no end record: trust it once present
         if magic == b"PK\x03\x04":
@@ -223,8 +254,8 @@ def _hf_problem(layout, root, name, step) -> Optional[str]:
     import json
 
     try:
-        with open(os.path.join(root, name, "trainer_state.json"), "rb") as fh:
-            state = json.load(fh)
+        with _open_regular(os.path.join(root, name, "trainer_state.json")) as fh:
+            state = json.loads(_read_small(fh))
     except OSError as exc:
         return "trainer_state.json missing" if isinstance(exc, FileNotFoundError) else _unreadable(exc)
     except ValueError:

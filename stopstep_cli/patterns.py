@@ -100,7 +100,8 @@ def clean_line(raw: bytes) -> str:
     return text
 
 
-def _number(text: str) -> object:
+def number_or_text(text: str) -> object:
+    """A field's value: a float when the text reads as one, else the text."""
     try:
         return float(text)
     except ValueError:
@@ -201,7 +202,7 @@ class StepFormat:
     def fields(self, match: re.Match) -> Fields:
         """Named groups other than the step, numbers where they parse."""
         return {
-            name: _number(value)
+            name: number_or_text(value)
             for name, value in match.groupdict().items()
             if not name.startswith("step") and name != "total" and value is not None
         }

@@ -4,7 +4,9 @@ On a terminal, the bottom row is kept for stopstep's status (step, target,
 steps/s, ETA) with a scroll region (``ESC [ top ; bottom r``, as apt's
 ``Progress: [ 40%]`` bar does): the command's output, its own ``\\r`` bars
 included, scrolls in the rows above and never reaches the status row, so the
-status is there all the time and is redrawn on a timer, with the cursor saved
+status is there all the time (unless the command sets a scroll region of its own
+or switches to the alternate screen: a full-screen program owns the screen, and
+the status line is then off for the rest of the run) and is redrawn on a timer, with the cursor saved
 and restored around it. It is drawn only between whole escape sequences and
 whole characters of the command's output, never inside one. The terminal is
 given back whole at every ending (the region reset, the status row cleared),
@@ -34,6 +36,11 @@ REDRAW_EVERY = 0.5
 # An escape sequence at the end of what was written, not yet finished: CSI
 # (ESC [ params intermediates, no final byte yet), OSC/DCS without their end, a lone ESC.
 _OPEN_ESCAPE = re.compile(rb"\x1b(?:\[[\x30-\x3f]*[\x20-\x2f]*|[\]P_^X][^\x07\x1b]*|)\Z")
+
+
+# The command managing the screen itself: its own scroll region (DECSTBM) or the
+# alternate screen. The bottom row is then its, not ours.
+_TAKES_THE_SCREEN = re.compile(rb"\x1b\[(?:[0-9;]*r|\?(?:1049|1047|47)h)")
 
 
 def terminal_size(fd: int) -> Optional[tuple]:
@@ -160,10 +167,18 @@ class Progress:
             self._write(ERASE)
             self.shown = False
 
-    def after_output(self, tail) -> None:
-        """What the command's output ended with (the last bytes written)."""
+    def after_output(self, tail, written=None, n: int = 0) -> None:
+        """What the command's output ended with (the last bytes written); ``written[:n]``,
+        when given, is all that was written."""
         self.at_line_start = tail[-1:] == b"\n"
         self.safe = not cut_off(bytes(tail))
+        if self.region is not None and written is not None and written.find(b"\x1b[", 0, n) >= 0 \
+                and _TAKES_THE_SCREEN.search(written, 0, n):
+            # A full-screen program (or one that set its own region): redrawing our row, or
+            # resetting the region at the end, would break its screen. The status is off.
+            with self._lock:
+                self.region = None
+                self.status_line = False
 
     def draw(self, now: float) -> None:
         if not self.status_line:

@@ -93,7 +93,7 @@ class OutputPump:
         else:
             self._write(stream, n)
         if to_terminal:
-            self.progress.after_output(self._view[max(0, n - 64):n])
+            self.progress.after_output(self._view[max(0, n - 64):n], self._buf, n)
         if stream.out_fd == 2:
             self.stderr_mid_line = self._buf[n - 1] != 10
 

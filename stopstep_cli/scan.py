@@ -82,6 +82,8 @@ def looks_like_a_step(text: str) -> bool:
 
 def _shown(text: str) -> str:
     text = text.strip()
+    if not text.isprintable():  # a binary log's bytes: escaped, never sent to the terminal raw
+        text = ascii(text)[1:-1]
     return text if len(text) <= TEXT_WIDTH else text[: TEXT_WIDTH - 3] + "..."
 
 

@@ -273,6 +273,8 @@ class Sentinel:
                 tree.signal_group(signum)
             if signum == signal.SIGWINCH:
                 self.post(Event(WINCH, signum))
+                if from_terminal:
+                    return  # the command has it from the terminal; nothing was passed on
             if terminating:
                 started = sequence.begin(already_sent=signum) if sequence is not None else False
                 how = "started" if started else "again"

@@ -111,6 +111,23 @@ def catch_early(signals: Sequence[int] = FORWARDED_SIGNALS) -> None:
             pass
 
 
+def release_early() -> None:
+    """Give back what :func:`catch_early` held, for a command that supervises nothing
+    (``scan``, ``presets``...): the default dispositions again, and a signal that came
+    meanwhile delivered now, so Ctrl-C or SIGTERM ends it as it ends any program."""
+    for signum, original in list(_early_original.items()):
+        try:
+            if signal.getsignal(signum) is _note_early:
+                signal.signal(signum, original)
+        except (OSError, ValueError):
+            pass
+    _early_original.clear()
+    caught = list(dict.fromkeys(_early_caught))
+    _early_caught.clear()
+    for signum in caught:
+        signal.raise_signal(signum)
+
+
 class SignalInbox:
     """Signals delivered to stopstep, as bytes on a pipe any thread can read.
 

@@ -56,7 +56,7 @@ from .sentinel import (
     Sentinel,
 )
 from .signals import FORWARDED_SIGNALS, all_catchable_signals
-from .sources import SourceSet
+from .sources import SourceSet, show
 from .start_point import StartPoint
 from .steps import StepLedger
 from .stop_sequence import Stage, StopSequence
@@ -269,7 +269,7 @@ class Supervisor:
             self.console.info("no /proc here: processes that leave the command's process group cannot be found "
                               "or ended; the group itself is still signalled")
         self.report.pid = self.session.pid = tree.pid
-        self.console.debug(f"started pid {tree.pid}: {' '.join(self.argv)}")
+        self.console.debug(f"started pid {tree.pid}: {show(' '.join(self.argv))}")
         status_line = self.progress is not None and self.progress.status_line
         for name, in_fd, out_fd in (("stdout", tree.stdout_fd, 1), ("stderr", tree.stderr_fd, 2)):
             self.pump.add(name, in_fd, out_fd, to_terminal=status_line and is_terminal(out_fd))
@@ -570,7 +570,11 @@ class Supervisor:
         if (obs.is_checkpoint and self.phase is Phase.WAITING_FOR_CHECKPOINT
                 and obs.step >= (self.report.target_step or 0)):
             self._pending.append(f"checkpoint for step {obs.step} is complete; {self._stop_tree()}")
-        if not self.steps.record(obs) or self.cause is not None:
+        if not self.steps.record(obs):
+            return
+        if self.progress is not None:  # while it stops too: the steps it still makes are shown
+            self.progress.update(obs.step, self.report.target_step, self.steps.rate_anchor)
+        if self.cause is not None:
             return
         session, report = self.session, self.report
         session.global_step, session.fields = obs.step, obs.fields
@@ -579,8 +583,6 @@ class Supervisor:
         if obs.is_checkpoint:
             values["checkpoint_step"], values["checkpoint_path"] = obs.step, obs.path
         report.observations += 1
-        if self.progress is not None:
-            self.progress.update(obs.step, report.target_step, self.steps.rate_anchor)
         ctx = self._run_hooks(lambda: self.runner.run(session, values))
         if ctx is not None and ctx.stop_requested:
             self._request_stop(ctx.stop_reason, ctx.stop_exit_code, ctx.stop_message, obs)

@@ -128,9 +128,9 @@ class Foreground:
 # the terminal's own (SI_KERNEL) are, one byte each, on its stdout.
 _LISTENER = """
 import os, signal
-heard = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+heard = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGWINCH)
 held = heard + (signal.SIGTERM, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1,
-                signal.SIGUSR2, signal.SIGALRM, signal.SIGWINCH, signal.SIGPIPE)
+                signal.SIGUSR2, signal.SIGALRM, signal.SIGPIPE)
 signal.pthread_sigmask(signal.SIG_BLOCK, held)
 parent = os.getppid()
 while os.getppid() == parent:
@@ -141,7 +141,7 @@ while os.getppid() == parent:
 
 
 class TerminalSignals:
-    """Ctrl-C, Ctrl-\\ and a hang-up, as the terminal sends them to the command.
+    """Ctrl-C, Ctrl-\\, a hang-up and a window resize, as the terminal sends them to the command.
 
     With the terminal handed to the command's process group, stopstep does not
     get those signals itself. A small listener process joins that group and

@@ -341,3 +341,66 @@ def test_a_nan_the_trainer_hides_in_its_loss_is_caught_in_grad_norm(tmp_path):
     assert report["stop_mode"] == "cooperative" and "grad_norm is nan at step 16" in err
     stopped = int(result.stdout.split()[-1])
     assert stopped <= 16 + 2 and not (out / f"checkpoint-{stopped}").exists()
+
+
+THREADS = """
+    import threading, time
+    from stopstep_cli import beacon
+    stopped = []
+    def loop(n):
+        for step in range(1, 100000):
+            time.sleep(0.001)
+            if beacon.step(step):
+                stopped.append(step)
+                return
+    threads = [threading.Thread(target=loop, args=(n,)) for n in range(4)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    print("stopped after", sorted(stopped), flush=True)
+"""
+
+
+def test_threads_calling_the_beacon_at_once_all_stop_at_the_target(tmp_path):
+    result, report = run_with_report(tmp_path, "--last-step", "300", "--", *python(THREADS))
+    err = result.stderr.decode()
+    assert result.returncode == 0, err
+    assert result.stdout == b"stopped after [300, 300, 300, 300]\n"
+    assert "disengaged" not in err and report["stop_mode"] == "cooperative"
+
+
+CLOSES_EVERYTHING = """
+    import os
+    from stopstep_cli import beacon
+    for step in range(1, 1000):
+        if step == 5:  # as a daemonising library does once it has started
+            os.closerange(3, 65536)
+            kept = [open(os.devnull) for _ in range(3)]  # the numbers taken again by other files
+        if beacon.step(step, loss="nan" if step == 40 else "0.5"):
+            print("stopped itself after", step, flush=True)
+            break
+"""
+
+
+def test_a_process_that_closes_its_descriptors_and_a_loss_given_as_text(tmp_path):
+    result, report = run_with_report(tmp_path, "--last-step", "20", "--", *python(CLOSES_EVERYTHING))
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == b"stopped itself after 20\n" and "disengaged" not in result.stderr.decode()
+    result, report = run_with_report(tmp_path, "--last-step", "500", "--stop-on-nan", "--",
+                                     *python(CLOSES_EVERYTHING))
+    assert result.returncode == 4, result.stderr.decode()  # "nan" as text is a NaN, as in a log line
+    assert report["reason"] == "nan_loss" and report["stop_mode"] == "cooperative"
+
+
+def test_an_empty_pythonpath_entry_still_means_the_working_directory(tmp_path):
+    (tmp_path / "cwdmod.py").write_text("NAME = 'from the working directory'\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "s.py").write_text("import cwdmod\nprint(cwdmod.NAME)\nprint('step 1', flush=True)\n")
+    # `export PYTHONPATH=$PYTHONPATH:/x` with none set before: a leading empty entry
+    env = {"PYTHONPATH": f"{os.pathsep}{tmp_path / 'nowhere'}{os.pathsep}{ROOT}"}
+    result = subprocess.run([sys.executable, "sub/s.py"], cwd=tmp_path, env={**os.environ, **env},
+                            capture_output=True)
+    assert result.returncode == 0, result.stderr  # what the user had without stopstep
+    result, _ = run_with_report(tmp_path, "--last-step", "1", "--", sys.executable, "sub/s.py", cwd=tmp_path,
+                                env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == b"from the working directory\nstep 1\n"

@@ -131,18 +131,19 @@ def test_an_error_in_a_framework_integration_disengages_and_fit_goes_on(channel)
     assert [m["t"] for m in run.messages] == ["hello"]  # on_train_begin engaged, then nothing
 
 
-def test_a_bad_step_disengages_the_beacon_for_good(channel):
+def test_a_bad_step_is_ignored_with_one_line_and_the_stop_stays_on(channel):
     code = """
         from stopstep_cli import beacon
-        print(beacon.step(1), beacon.step(object()), [beacon.step(s) for s in (2, 3, 10**9)], flush=True)
+        print(beacon.step(1), beacon.step(object()), beacon.step(None), beacon.step(float("nan")),
+              [beacon.step(s) for s in (2, 3, 10**9)], flush=True)
     """
     run = run_to_end(script(code), child_env(channel, 5), channel)
 
     assert run.proc.returncode == 0
-    assert run.stdout.strip() == b"False False [False, False, False]"
-    (line,) = run.stderr_lines()
-    assert line.startswith(DISENGAGED + "beacon: TypeError(")
-    assert [m["t"] for m in run.messages] == ["hello", "step"]
+    assert run.stdout.strip() == b"False False False False [False, False, True]"
+    (line,) = run.stderr_lines()  # one line for the three bad calls
+    assert line.startswith("stopstep: beacon: step <object object at") and "is not a whole number" in line
+    assert [m["t"] for m in run.messages][-1] == "stopping"
 
 
 def test_a_malformed_target_disengages_at_start_with_one_line(channel, tmp_path):
@@ -233,7 +234,7 @@ def test_other_interpreters_without_stopstep_installed(channel, tmp_path, python
     has_side = probe.stdout.strip() == b"True"
     # only the site directory and the stand-ins on the path: not this checkout, so no stopstep_cli
     env = child_env(channel, 4, path=(STANDINS,))
-    no_stopstep = subprocess.run([str(python), "-c", "import stopstep_cli"], capture_output=True, env=env,
+    no_stopstep = subprocess.run([str(python), "-c", "import stopstep_cli.cli"], capture_output=True, env=env,
                                  cwd=tmp_path)
     assert no_stopstep.returncode != 0
 
@@ -249,3 +250,7 @@ def test_other_interpreters_without_stopstep_installed(channel, tmp_path, python
     assert run.stderr == b""
     assert b"train returned at 4" in run.stdout
     assert [m["t"] for m in run.messages][-1] == "stopping"
+    # a loop of its own: the supervisor lends its beacon where no stopstep_cli is installed
+    code = "from stopstep_cli import beacon\nprint([beacon.step(s) for s in (3, 4)])"
+    run = run_to_end([str(python), "-c", code], env, channel, cwd=tmp_path)
+    assert (run.proc.returncode, run.stdout.strip(), run.stderr) == (0, b"[False, True]", b"")

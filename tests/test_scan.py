@@ -9,7 +9,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import platform
 import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -543,6 +545,70 @@ def test_what_looks_like_a_step(text, looks):
 
 
 # -- presets --------------------------------------------------------------------------------------------
+
+
+_READ_SYSCALL = {"x86_64": "0", "aarch64": "63"}
+
+
+def _reading_stdin(pid: int) -> bool:
+    """Whether the process is blocked in read(0, ...) now (its /proc syscall line)."""
+    import platform
+
+    try:
+        with open(f"/proc/{pid}/syscall") as fh:
+            fields = fh.read().split()
+    except OSError:
+        return False
+    return fields[:2] == [_READ_SYSCALL.get(platform.machine()), "0x0"]
+
+
+@pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)],
+                         ids=["ctrl-c", "sigterm"])
+def test_a_scan_of_input_that_never_ends_stops_when_asked(signum, status):
+    if platform.machine() not in _READ_SYSCALL:
+        pytest.skip("the read syscall's number is known here for x86_64 and aarch64 only")
+    proc = subprocess.Popen(STOPSTEP + ["scan", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write(b"step 1\n")
+        proc.stdin.flush()  # and then nothing, as from a pipe whose writer never ends
+        deadline = time.monotonic() + 60
+        while not _reading_stdin(proc.pid):
+            assert time.monotonic() < deadline and proc.poll() is None, "scan never waited on stdin"
+            time.sleep(0.01)
+        proc.send_signal(signum)
+        assert proc.wait(timeout=30) == status
+        assert b"Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo"])
+def test_a_checkpoint_file_that_is_not_a_regular_file_holds_nothing_up(tmp_path, kind):
+    state = tmp_path / "out" / "checkpoint-20" / "trainer_state.json"
+    state.parent.mkdir(parents=True)
+    if kind == "fifo":
+        os.mkfifo(state)
+    else:
+        state.symlink_to("/dev/zero")
+    status, out, err = stopstep("scan", "--checkpoint-dir", tmp_path / "out", "--layout", "hf")
+    assert status == 1, err
+    assert "checkpoint-20" in out and "not a regular file" in out
+    run = subprocess.run(STOPSTEP + ["run", "--last-step", "20", "--checkpoint-dir", str(tmp_path / "out"),
+                                     "--layout", "hf", "--", sys.executable, "-c", "print('training')"],
+                         capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0 and run.stdout == b"training\n", run.stderr
+    assert b"before step 20" in run.stderr
+
+
+def test_a_binary_log_is_shown_escaped(tmp_path):
+    path = log_file(tmp_path, b"step: \x07\x01 abc\x0c\x1b[2J\n")
+    status, out, err = stopstep("scan", path)
+    assert status == 1, err
+    assert "step: \\x07\\x01 abc" in out
+    assert not any(c in out for c in "\x07\x01\x0c\x1b")
 
 
 def test_presets_lists_the_default_set_first_with_its_sample():

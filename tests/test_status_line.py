@@ -3,6 +3,7 @@ rendered with pyte as a terminal would show it."""
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import textwrap
@@ -105,17 +106,58 @@ def test_ctrl_z_gives_the_whole_terminal_back_and_fg_takes_the_row_again(pidfile
         term.close()
 
 
-def test_the_status_row_follows_a_resized_window():
-    term = Terminal(["run", "--last-step", "100000", "--", *trainer("--rate", "20")])
+SIZE_EACH_STEP = textwrap.dedent("""
+    import os, time
+    for step in range(1, 10 ** 6):
+        size = os.get_terminal_size()  # of its stdout: the pseudo-terminal stopstep gave it
+        print(f"step {step} window {size.lines}x{size.columns}", flush=True)
+        time.sleep(0.05)
+""")
+
+
+def test_the_status_row_and_the_commands_window_follow_a_resize():
+    # Only the terminal's own SIGWINCH: it goes to the foreground group, which is the command's
+    # (stdin is the terminal), not to stopstep.
+    term = Terminal(["run", "--last-step", "10000000", "--", sys.executable, "-c", SIZE_EACH_STEP])
     try:
-        term.wait_for(b"stopstep: step ")
+        term.wait_for(b"window 24x80")
         term.resize(30, 100)
-        term.proc.send_signal(signal.SIGWINCH)  # what the terminal does to its foreground job
         wait_until(lambda: b"\x1b[1;29r" in term.output, "the region set for 30 rows")
+        term.wait_for(b"window 30x100")  # the command's pseudo-terminal follows the window
+        wait_until(lambda: bottom_row(term).startswith("stopstep: step "), "the status on the new bottom row")
+        term.resize(12, 60)  # smaller: the status must not be left inside the output
+        wait_until(lambda: b"\x1b[1;11r" in term.output, "the region set for 12 rows")
+        term.wait_for(b"window 12x60")
+        wait_until(lambda: bottom_row(term).startswith("stopstep: step "), "the status on the bottom row")
         term.type(b"\x03")
         assert term.proc.wait(timeout=TIMEOUT) == 130
     finally:
         term.close()
+
+
+TAKES_THE_SCREEN = textwrap.dedent("""
+    import sys, time
+    sys.stdout.write("\\x1b[?1049h\\x1b[1;10r\\x1b[2J\\x1b[H")  # a full-screen program's start
+    for step in range(1, 10 ** 6):
+        print(f"step {step}", flush=True)
+        time.sleep(0.02)
+""")
+
+
+def test_a_full_screen_command_has_the_whole_screen():
+    term = Terminal(["run", "--last-step", "10000000", "--", sys.executable, "-c", TAKES_THE_SCREEN])
+    try:
+        term.wait_for(b"\x1b[?1049h")
+        size = len(term.output)
+        wait_until(lambda: term.output.count(b"step ") > 40 and len(term.output) > size + 400, "steps")
+        after = term.output[term.output.index(b"\x1b[?1049h"):]
+        assert b"stopstep: step" not in after  # no status drawn over its screen
+        term.type(b"\x03")
+        assert term.proc.wait(timeout=TIMEOUT) == 130
+    finally:
+        term.close()
+    after = term.output[term.output.index(b"\x1b[?1049h"):]
+    assert b"\x1b[r" not in after  # its own scroll region was left alone
 
 
 def test_without_a_terminal_lines_every_interval(tmp_path):
@@ -123,3 +165,27 @@ def test_without_a_terminal_lines_every_interval(tmp_path):
     assert result.returncode == 0
     assert b"\x1b[" not in result.stderr  # no escape sequences into a pipe
     assert b"stopstep: progress: step " in result.stderr
+
+
+IGNORES_SIGINT = textwrap.dedent("""
+    import signal, time
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # stops only at step 60, or at SIGKILL
+    for step in range(1, 61):
+        print(f"step {step}", flush=True)
+        time.sleep(0.05)
+""")
+
+
+def test_the_status_goes_on_counting_while_the_command_is_stopping():
+    term = Terminal(["run", "--last-step", "10000", "--grace-period", "60", "--", sys.executable, "-c",
+                     IGNORES_SIGINT])
+    try:
+        term.wait_for(b"step 5\r\n")
+        term.type(b"\x03")  # a stop begins; the command goes on
+        term.wait_for(b"step 50\r\n")
+        wait_until(lambda: re.match(r"stopstep: step (\d+)", bottom_row(term)) is not None
+                   and int(re.match(r"stopstep: step (\d+)", bottom_row(term)).group(1)) >= 50,
+                   "the status at the steps made while stopping")
+        assert term.proc.wait(timeout=TIMEOUT) == 130
+    finally:
+        term.close()

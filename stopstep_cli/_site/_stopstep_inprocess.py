@@ -96,6 +96,7 @@ socket with its own pid.
 import errno
 import os
 import sys
+from _thread import allocate_lock as _allocate_lock
 from time import monotonic as _monotonic
 
 CHANNEL_ENV = "STOPSTEP_INPROC_CHANNEL"
@@ -149,6 +150,10 @@ class Client:
         self._step_head = ""
         self._dumps = None
         self._loads = None
+        self._fd, self._ino = -1, None  # the socket's descriptor, and what it was when made
+        self._lock = _allocate_lock()  # one thread at a time does the channel's work
+        self._lock_pid = os.getpid()  # a fork's copy may be held by a thread it does not have
+        self._said_bad_step = False
 
     # -- what the integrations and the beacon call --------------------------
 
@@ -169,9 +174,23 @@ class Client:
         if self.disengaged:
             return False
         try:
+            step = int(step)
+        except Exception:  # one bad call is the caller's: said once, and the stop stays on
+            if not self._said_bad_step:
+                self._said_bad_step = True
+                _say("%s: step %.60r is not a whole number; that call is ignored" % (framework, step))
+            return False
+        if self._lock_pid != os.getpid():
+            self._lock, self._lock_pid = _allocate_lock(), os.getpid()
+        if not self._lock.acquire(False):
+            # Another thread is in here (a loop stepping in several threads): decide on what
+            # is known, never wait for it; its call does the channel's work.
+            return self.stop_is_due(step)
+        try:
             if self._pid != os.getpid():  # first call, or the first in a forked child
                 self._engage(framework, None)
-            step = int(step)
+            elif self._socket_was_taken():
+                self._engage(framework, None)  # closed under us (os.closerange): a new one
             if not self._supervisor_gone and self._readable(0):
                 self._drain()
             stop = self._decide(step)
@@ -183,16 +202,33 @@ class Client:
         except Exception as exc:
             self.disengage("%s: %r" % (framework, exc))
             return False
+        finally:
+            self._lock.release()
+
+    def stop_is_due(self, step):
+        """Whether the loop should stop after ``step``, from what is known now (no channel work)."""
+        return (self.target is not None and step >= self.target) or \
+            (self.stop_at is not None and step >= self.stop_at)
+
+    def _socket_was_taken(self):
+        """The socket's descriptor was closed (a daemonising library's closerange), or
+        now names another file: ours is gone, and what holds the number is not ours."""
+        try:
+            return os.fstat(self._fd).st_ino != self._ino
+        except OSError:
+            return True
 
     def report(self, framework, step, values):
         """The report of a step whose :meth:`step_end` left it out, with its values."""
-        if self.disengaged or self._pid != os.getpid():
+        if self.disengaged or self._pid != os.getpid() or not self._lock.acquire(False):
             return
         try:
             self._report(int(step), values, force=self._stopping is not None)
             self._send_stopping()
         except Exception as exc:
             self.disengage("%s: %r" % (framework, exc))
+        finally:
+            self._lock.release()
 
     def saves_at_stop(self):
         """Whether the step this process stops after should be checkpointed: yes for the
@@ -229,6 +265,8 @@ class Client:
         pid = os.getpid()
         rank, world = _rank_and_world()
         self._sock, self._pid, self._rank = sock, pid, rank
+        self._fd = sock.fileno()
+        self._ino = os.fstat(self._fd).st_ino
         self._supervisor_gone = False
         self._stopping, self._stopping_sent = None, False
         self._next_report, self._skipped, self._unreported = 0.0, 0, None
@@ -348,7 +386,10 @@ class Client:
         sock, self._sock, self._pid = self._sock, None, None
         if sock is not None:
             try:
-                sock.close()
+                if self._socket_was_taken():
+                    sock.detach()  # the number is someone else's now: not ours to close
+                else:
+                    sock.close()
             except OSError:
                 pass
 
@@ -460,9 +501,15 @@ def _plain_values(values):
 def _has_non_finite(values):
     """Whether a float among the values is NaN or infinite: such a step is always reported."""
     for value in values.values():
-        if type(value) is float and (value != value or value in (_INF, -_INF)):
+        kind = type(value)
+        if kind is float and (value != value or value in (_INF, -_INF)):
             return True
+        if kind is str and value.strip().lstrip("+-").lower() in _NON_FINITE_TEXTS:
+            return True  # read as a number by the supervisor, as a log line's "nan" is
     return False
+
+
+_NON_FINITE_TEXTS = ("nan", "inf", "infinity")
 
 
 _INF = float("inf")
@@ -554,10 +601,54 @@ class _NotifyingLoader:
         return getattr(self._loader, name)
 
 
+class _BeaconFallbackFinder:
+    """Last on ``sys.meta_path``: where the command's Python has no ``stopstep_cli`` of
+    its own (a venv without stopstep), ``from stopstep_cli import beacon`` still works,
+    from the supervisor's copy of ``beacon.py``. Asked only after every other finder
+    found nothing, so an installed stopstep_cli is always the one imported."""
+
+    _PACKAGE = "stopstep_cli"
+
+    def __init__(self, package_dir):
+        self._dir = package_dir
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in (self._PACKAGE, self._PACKAGE + ".beacon"):
+            return None
+        import importlib.util
+
+        if fullname == self._PACKAGE:
+            spec = importlib.util.spec_from_loader(fullname, _BeaconOnlyPackage(), is_package=True)
+            spec.submodule_search_locations = []  # finds nothing of its own but the beacon
+            return spec
+        return importlib.util.spec_from_file_location(fullname, os.path.join(self._dir, "beacon.py"))
+
+    def invalidate_caches(self):
+        pass
+
+
+class _BeaconOnlyPackage:
+    """The loader of a ``stopstep_cli`` that holds the beacon alone."""
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        module.__doc__ = "stopstep's beacon, lent by the supervising stopstep (stopstep is not installed here)."
+
+
+def _install_beacon_fallback():
+    here = os.path.dirname(os.path.abspath(__file__))
+    package_dir = os.path.dirname(here)
+    if os.path.basename(here) == "_site" and os.path.isfile(os.path.join(package_dir, "beacon.py")):
+        sys.meta_path.append(_BeaconFallbackFinder(package_dir))
+
+
 def _install_hooks():
     global _finder
     if _finder is not None:
         return
+    _install_beacon_fallback()
     hooks = {}
     for name, attach in FRAMEWORK_MODULES.items():
         hooks[name] = _hook_for(name, attach)
