@@ -151,6 +151,7 @@ class Client:
         self._dumps = None
         self._loads = None
         self._fd, self._ino = -1, None  # the socket's descriptor, and what it was when made
+        self._framework = None  # the one that engaged
         self._lock = _allocate_lock()  # one thread at a time does the channel's work
         self._lock_pid = os.getpid()  # a fork's copy may be held by a thread it does not have
         self._said_bad_step = False
@@ -189,10 +190,12 @@ class Client:
         try:
             if self._pid != os.getpid():  # first call, or the first in a forked child
                 self._engage(framework, None)
-            elif self._socket_was_taken():
-                self._engage(framework, None)  # closed under us (os.closerange): a new one
             if not self._supervisor_gone and self._readable(0):
-                self._drain()
+                # (a closed descriptor polls as readable too: looked at before any recv)
+                if self._socket_was_taken():
+                    self._engage(framework, None)
+                else:
+                    self._drain()
             stop = self._decide(step)
             if report:
                 self._report(step, values, force=stop)
@@ -212,7 +215,8 @@ class Client:
 
     def _socket_was_taken(self):
         """The socket's descriptor was closed (a daemonising library's closerange), or
-        now names another file: ours is gone, and what holds the number is not ours."""
+        now names another file: ours is gone, and what holds the number is not ours
+        (nothing may be read from it or sent on it)."""
         try:
             return os.fstat(self._fd).st_ino != self._ino
         except OSError:
@@ -264,7 +268,7 @@ class Client:
             raise RuntimeError("cannot reach the supervisor at %s: %s" % (self.path, exc))
         pid = os.getpid()
         rank, world = _rank_and_world()
-        self._sock, self._pid, self._rank = sock, pid, rank
+        self._sock, self._pid, self._rank, self._framework = sock, pid, rank, framework
         self._fd = sock.fileno()
         self._ino = os.fstat(self._fd).st_ino
         self._supervisor_gone = False
@@ -302,6 +306,8 @@ class Client:
         plain = _plain_values(values) if values else None
         if plain:
             text += ',"v":' + self._dumps(plain)
+        if self._socket_was_taken():  # checked where it is used, not on every call: it costs a stat
+            self._engage(self._framework, None)
         self._send(text + "}")
 
     def flush_at_exit(self):
