@@ -59,6 +59,12 @@ def _find_implementation():
         module = _load_module()
         if module is None:
             return _outside
+    prepare = getattr(module, "prepare", None)
+    if prepare is not None:
+        try:
+            prepare()
+        except Exception:
+            pass  # engaging will say what is wrong, once
     return module.beacon_step
 
 
@@ -86,3 +92,8 @@ def _load_module():
         except Exception:
             pass
         return None
+
+
+if os.environ.get(_CHANNEL_ENV):
+    # Found now, on the importing thread: see _stopstep_inprocess.prepare.
+    _implementation = _find_implementation()

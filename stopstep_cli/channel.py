@@ -157,6 +157,11 @@ class InProcessChannel:
         key = address or ("pid", message.get("pid"))  # unbound senders cannot be answered
         sender = self.senders.get(key)
         if sender is None or message["t"] == HELLO:
+            if message["t"] == HELLO and message.get("pid") is not None:
+                # a process that made its socket anew (it closed its descriptors) is one process
+                for old in [k for k, s in self.senders.items() if s.pid == message["pid"] and k != key]:
+                    self._forget(self.senders[old].address)
+                    self.senders.pop(old, None)
             sender = self.senders[key] = Sender(address or None, message)
             if address:
                 self._send_state(address)  # a late joiner learns what was announced before it

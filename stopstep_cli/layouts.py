@@ -386,6 +386,8 @@ def _generic_problem(layout, root, name, step) -> Optional[str]:
     signature = _tree_signature(path)
     if signature is None:
         return "gone, or a file in it could not be read"
+    if signature is _NOT_REGULAR:
+        return "cannot be read (not a regular file)"
     looks = layout.state.setdefault("looks", {})
     now = time.monotonic()
     settle = layout.state.get("settle", 1.0)
@@ -405,13 +407,19 @@ def _seconds(seconds: float) -> str:
     return "second" if seconds == 1 else f"{seconds:g} s"
 
 
+#: the signature of a checkpoint that is (or holds) a FIFO, a device or a socket: never complete
+_NOT_REGULAR = (-1, -1, -1)
+
+
 def _tree_signature(path: str) -> Optional[Tuple[int, int, int]]:
+    import stat
+
     try:
         st = os.stat(path)
     except OSError:
         return None
-    if not os.path.isdir(path):
-        return (1, st.st_size, st.st_mtime_ns)
+    if not stat.S_ISDIR(st.st_mode):
+        return (1, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else _NOT_REGULAR
     count, size, mtime = 0, 0, st.st_mtime_ns
     for directory, _dirs, files in os.walk(path):
         for name in files:
@@ -419,6 +427,8 @@ def _tree_signature(path: str) -> Optional[Tuple[int, int, int]]:
                 fst = os.stat(os.path.join(directory, name))
             except OSError:
                 return None
+            if not stat.S_ISREG(fst.st_mode):
+                return _NOT_REGULAR
             count, size, mtime = count + 1, size + fst.st_size, max(mtime, fst.st_mtime_ns)
     return (count, size, mtime)
 

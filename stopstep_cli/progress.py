@@ -41,6 +41,9 @@ _OPEN_ESCAPE = re.compile(rb"\x1b(?:\[[\x30-\x3f]*[\x20-\x2f]*|[\]P_^X][^\x07\x1
 # The command managing the screen itself: its own scroll region (DECSTBM) or the
 # alternate screen. The bottom row is then its, not ours.
 _TAKES_THE_SCREEN = re.compile(rb"\x1b\[(?:[0-9;]*r|\?(?:1049|1047|47)h)")
+_ENTERS_THE_ALTERNATE_SCREEN = re.compile(rb"\x1b\[\?(?:1049|1047|47)h")
+# ...and leaving the alternate screen: the main screen, and our row, are back.
+_LEAVES_THE_ALTERNATE_SCREEN = re.compile(rb"\x1b\[\?(?:1049|1047|47)l")
 
 
 def terminal_size(fd: int) -> Optional[tuple]:
@@ -87,6 +90,9 @@ class Progress:
         self._lock = threading.Lock()  # the sentinel thread gives the terminal back on Ctrl-Z
         self.step: Optional[int] = None
         self.target: Optional[int] = None
+        self.yielded: Optional[str] = None  # "alternate" or "region": the command manages the screen
+        self._before = b""  # the end of the output before the last write (a sequence split in two)
+        self._line_width = 200  # line mode: the most of the status shown
 
     # -- what it says -----------------------------------------------------------------
 
@@ -117,9 +123,11 @@ class Progress:
 
     def start(self) -> None:
         """Keep the bottom row (when stderr is a terminal whose size is known)."""
-        if not self.status_line:
+        if not self.status_line or self.yielded is not None:
             return
         size = terminal_size(self.fd)
+        if size is not None:
+            self._line_width = max(1, min(200, size[1] - 1))  # a line that wraps cannot be erased
         if size is None or size[0] < 3:
             return  # line mode
         with self._lock:
@@ -127,9 +135,11 @@ class Progress:
 
     def _keep_bottom_row(self, size: tuple) -> None:
         rows, _cols = size
-        # A new line first, so that a cursor on the bottom row moves up into what stays
-        # the scrolling part; setting the region moves the cursor home, so save it around that.
-        if self._write(b"\n\x1b7\x1b[1;%dr\x1b8\x1b[1A" % (rows - 1)):
+        # Down a line first (an index, ESC D: it scrolls at the bottom as a newline does, but
+        # keeps the column, so a prompt or a half-written line stays whole), so that a cursor
+        # on the bottom row moves up into what stays the scrolling part; setting the region
+        # moves the cursor home, so save it around that.
+        if self._write(b"\x1bD\x1b7\x1b[1;%dr\x1b8\x1b[1A" % (rows - 1)):
             self.region = size
 
     def resize(self) -> None:
@@ -172,16 +182,26 @@ class Progress:
         when given, is all that was written."""
         self.at_line_start = tail[-1:] == b"\n"
         self.safe = not cut_off(bytes(tail))
-        if self.region is not None and written is not None and written.find(b"\x1b[", 0, n) >= 0 \
-                and _TAKES_THE_SCREEN.search(written, 0, n):
+        if written is None or not self.status_line:
+            return
+        before, self._before = self._before, bytes(tail[-8:])
+        if written.find(b"\x1b[", 0, n) < 0 and (not before or b"\x1b" not in before):
+            return
+        # where a sequence may stand: this write, and across its start (one split in two)
+        seams = (written, 0, n), (before + bytes(written[:min(n, 8)]), 0, len(before) + min(n, 8))
+        if self.yielded is None and self.region is not None and any(_TAKES_THE_SCREEN.search(*s) for s in seams):
             # A full-screen program (or one that set its own region): redrawing our row, or
-            # resetting the region at the end, would break its screen. The status is off.
+            # resetting the region at the end, would break its screen. It has the whole screen.
+            alternate = any(_ENTERS_THE_ALTERNATE_SCREEN.search(*s) for s in seams)
             with self._lock:
                 self.region = None
-                self.status_line = False
+                self.yielded = "alternate" if alternate else "region"
+        elif self.yielded == "alternate" and any(_LEAVES_THE_ALTERNATE_SCREEN.search(*s) for s in seams):
+            self.yielded = None  # back on the main screen: our row again (where the status was)
+            self.start()
 
     def draw(self, now: float) -> None:
-        if not self.status_line:
+        if not self.status_line or self.yielded is not None:
             return
         line = f"stopstep: {self.text(now)}".encode()
         with self._lock:
@@ -190,7 +210,7 @@ class Progress:
                     cols = self.region[1]
                     self._write(b"\x1b7\x1b[%d;1H\x1b[2K" % self.region[0] + line[: cols - 1] + b"\x1b8")
             elif self.at_line_start:
-                self._write(ERASE + line[:200])
+                self._write(ERASE + line[:self._line_width])
                 self.shown = True
 
     def clear(self) -> None:

@@ -26,6 +26,9 @@ from .terminal import copy_window_size, is_terminal
 READ_SIZE = 1 << 20
 
 
+#: attributes off, cursor shown: what a killed command could not do itself
+RESET_TERMINAL = b"\x1b[0m\x1b[?25h"
+
 class Stream:
     """One output stream of the command: where it is read, and where it goes."""
 
@@ -131,11 +134,31 @@ class OutputPump:
             except OSError:
                 pass
 
-    def resize_ptys(self) -> None:
-        """The terminal was resized: the command's pseudo-terminals follow."""
-        for stream in self.streams.values():
+    def resize_ptys(self) -> bool:
+        """The terminal was resized: the command's pseudo-terminals follow. (Called on the
+        sentinel's thread: an ioctl on descriptors the pump keeps open while it runs.)
+        True when there was one."""
+        resized = False
+        for stream in list(self.streams.values()):
             if stream.out_fd >= 0 and is_terminal(stream.in_fd):
                 copy_window_size(stream.out_fd, stream.in_fd)
+                resized = True
+        return resized
+
+    def reset_terminals(self, fds=(1, 2)) -> None:
+        """The command died of a signal (SIGKILL leaves it no handler): what it left
+        switched on in the terminal, a hidden cursor, colours, is switched off, as it
+        would have done itself, so that stopstep's summary and the shell's prompt read.
+        Once a terminal (stdout and stderr are most often the same one)."""
+        done = set()
+        for fd in fds:
+            try:
+                if not is_terminal(fd) or os.fstat(fd).st_rdev in done:
+                    continue
+                done.add(os.fstat(fd).st_rdev)
+                os.write(fd, RESET_TERMINAL)
+            except OSError:
+                pass
 
     def drop(self, stream: Stream, why: str) -> None:
         """Stop writing a stream (its reader does not take it); keep reading it."""

@@ -105,6 +105,8 @@ class Sentinel:
         self.tree = None
         self.sequence = None
         self.foreground = None
+        #: resizes the command's pseudo-terminals like the window; True when it had any
+        self.resize_ptys: Optional[Callable[[], bool]] = None
         self.cooperative = None  # how a received signal becomes a cooperative stop, when one can
         self.on_abandon: Optional[Callable[[str, float], None]] = None  # (what, its time)
         self.terminal = None  # a TerminalSignals listener, while the command holds the terminal
@@ -269,12 +271,19 @@ class Sentinel:
                 # still brings the signal path.
                 self.post(Event(SIGNAL_RECEIVED, signum, "held terminal" if from_terminal else "held"))
                 return
+            if signum == signal.SIGWINCH:
+                # The command's pseudo-terminals take the new size before it hears of the resize,
+                # so that what it reads is the new size; the terminal's own signal came before
+                # they had it, so the command gets a second one once they do.
+                resized = self.resize_ptys is not None and self.resize_ptys()
+                if tree is not None and (resized or not from_terminal):
+                    tree.signal_group(signum)
+                self.post(Event(WINCH, signum))
+                if not from_terminal:
+                    self.post(Event(SIGNAL_PASSED, signum))
+                return
             if tree is not None and not from_terminal:
                 tree.signal_group(signum)
-            if signum == signal.SIGWINCH:
-                self.post(Event(WINCH, signum))
-                if from_terminal:
-                    return  # the command has it from the terminal; nothing was passed on
             if terminating:
                 started = sequence.begin(already_sent=signum) if sequence is not None else False
                 how = "started" if started else "again"

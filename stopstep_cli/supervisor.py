@@ -196,6 +196,7 @@ class Supervisor:
             self._sentinel.start()
             if self.subreaper or pid1:
                 self._subreaper.enable()
+            self._sentinel.resize_ptys = self.pump.resize_ptys
             if self.foreground_wanted:
                 self._foreground = self._sentinel.foreground = Foreground(0, self.progress)
             if self.progress is not None:
@@ -376,8 +377,7 @@ class Supervisor:
                 if self.phase in (Phase.RUNNING, Phase.WAITING_FOR_CHECKPOINT, Phase.STOPPING):
                     if self.tree.returncode is None and self.tree.poll_exit() is not None:
                         self._on_command_exit()
-            elif event.kind == WINCH:
-                self.pump.resize_ptys()
+            elif event.kind == WINCH:  # the sentinel resized the command's pseudo-terminals
                 if self.progress is not None:
                     self.progress.resize()
             elif event.kind == OVERRUN and self.hook_error is None:
@@ -794,6 +794,9 @@ class Supervisor:
         report.stop_signal = outcome.signal_name(facts.stop_signal)
         report.stop_mode = facts.stop_mode
         report.received_signal = outcome.signal_name(facts.received_signal)
+        if facts.returncode is not None and facts.returncode < 0 and self._sentinel is not None:
+            with self._sentinel.guard("writing to the terminal", float("inf"), kind="write"):
+                self.pump.reset_terminals()
         if self.progress is not None:
             self.progress.give_back()
         self._flush_messages()

@@ -404,3 +404,59 @@ def test_an_empty_pythonpath_entry_still_means_the_working_directory(tmp_path):
                                 env=env)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == b"from the working directory\nstep 1\n"
+
+
+REOPENS_ITS_SOCKET = """
+    import os, time
+    from stopstep_cli import beacon
+    for step in range(1, 10 ** 6):
+        if step == 5:
+            os.closerange(3, 65536)  # its socket is made anew at the next report
+        time.sleep(0.01)
+        if beacon.step(step):
+            print("stopped itself after", step, flush=True)
+            break
+"""
+
+
+def test_a_process_that_made_its_socket_anew_is_still_one_process(tmp_path):
+    report_path = tmp_path / "r.json"
+    proc = start_stopstep("run", "-v", "--last-step", "100000", "--report", report_path, "--",
+                          *python(REOPENS_ITS_SOCKET))
+    seen = wait_for_output(proc.stderr, b"in-process: beacon engaged")
+    while seen.count(b"in-process: beacon engaged") < 2:  # and once more, on its new socket
+        seen = wait_for_output(proc.stderr, b"\n", already=seen)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 143, stderr.decode()
+    # one process: the next step, not the margin a data-parallel run needs
+    assert b"asked the training to stop itself after its next step" in stderr, stderr.decode()
+
+
+FORKS_WHILE_A_THREAD_STEPS = """
+    import os, signal, threading, time
+    from stopstep_cli import beacon
+    def loop():
+        for step in range(1, 10 ** 6):
+            if beacon.step(step):
+                return
+            time.sleep(0.001)
+    thread = threading.Thread(target=loop)
+    thread.start()  # its first call engages while the main thread forks
+    statuses = []
+    for _ in range(5):
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(20)  # a child that hangs on an inherited lock dies of this
+            beacon.step(1)
+            os._exit(0)
+        statuses.append(os.waitpid(pid, 0)[1])
+    thread.join()
+    print("children", statuses, flush=True)
+"""
+
+
+def test_a_fork_while_another_thread_engages_does_not_hang_the_child(tmp_path):
+    result, _ = run_with_report(tmp_path, "--last-step", "500", "--", *python(FORKS_WHILE_A_THREAD_STEPS))
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == b"children [0, 0, 0, 0, 0]\n"

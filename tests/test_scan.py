@@ -603,6 +603,21 @@ def test_a_checkpoint_file_that_is_not_a_regular_file_holds_nothing_up(tmp_path,
     assert b"before step 20" in run.stderr
 
 
+def test_the_generic_layout_counts_no_fifo_or_device_as_a_checkpoint(tmp_path):
+    out = tmp_path / "gen"
+    out.mkdir()
+    write(out / "ckpt-5", age=3600)
+    (out / "ckpt-9").symlink_to("/dev/zero")
+    os.mkfifo(out / "ckpt-11")
+    (out / "ckpt-13").mkdir()
+    os.mkfifo(out / "ckpt-13" / "weights")
+    status, result = scan_json("--checkpoint-dir", out, "--layout", "generic")
+    _found, checkpoints = survey(result)
+    assert status == 0
+    assert checkpoints == {"ckpt-5": (5, True, None),
+                           **{f"ckpt-{n}": (n, False, "cannot be read (not a regular file)") for n in (9, 11, 13)}}
+
+
 def test_a_binary_log_is_shown_escaped(tmp_path):
     path = log_file(tmp_path, b"step: \x07\x01 abc\x0c\x1b[2J\n")
     status, out, err = stopstep("scan", path)

@@ -107,7 +107,11 @@ def test_ctrl_z_gives_the_whole_terminal_back_and_fg_takes_the_row_again(pidfile
 
 
 SIZE_EACH_STEP = textwrap.dedent("""
-    import os, time
+    import os, signal, time
+    def resized(signum, frame):  # what a program that lays itself out again reads
+        size = os.get_terminal_size()
+        print(f"resized to {size.lines}x{size.columns}", flush=True)
+    signal.signal(signal.SIGWINCH, resized)
     for step in range(1, 10 ** 6):
         size = os.get_terminal_size()  # of its stdout: the pseudo-terminal stopstep gave it
         print(f"step {step} window {size.lines}x{size.columns}", flush=True)
@@ -124,6 +128,7 @@ def test_the_status_row_and_the_commands_window_follow_a_resize():
         term.resize(30, 100)
         wait_until(lambda: b"\x1b[1;29r" in term.output, "the region set for 30 rows")
         term.wait_for(b"window 30x100")  # the command's pseudo-terminal follows the window
+        term.wait_for(b"resized to 30x100")  # and had the new size when it heard of the resize
         wait_until(lambda: bottom_row(term).startswith("stopstep: step "), "the status on the new bottom row")
         term.resize(12, 60)  # smaller: the status must not be left inside the output
         wait_until(lambda: b"\x1b[1;11r" in term.output, "the region set for 12 rows")
@@ -135,36 +140,59 @@ def test_the_status_row_and_the_commands_window_follow_a_resize():
         term.close()
 
 
-TAKES_THE_SCREEN = textwrap.dedent("""
+FULL_SCREEN_AND_BACK = textwrap.dedent("""
     import sys, time
-    sys.stdout.write("\\x1b[?1049h\\x1b[1;10r\\x1b[2J\\x1b[H")  # a full-screen program's start
+    def out(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    out("\\x1b[?10")  # a full-screen program's start, its sequence split across two writes
+    time.sleep(0.05)
+    out("49h\\x1b[2J\\x1b[H")
+    for step in range(1, 60):
+        out(f"step {step}\\n")
+        time.sleep(0.02)
+    out("\\x1b[?1049l")  # and back to the main screen
+    for step in range(60, 10 ** 6):
+        out(f"step {step}\\n")
+        time.sleep(0.02)
+""")
+
+
+def test_a_full_screen_command_has_the_whole_screen_until_it_leaves_it():
+    term = Terminal(["run", "--last-step", "10000000", "--", sys.executable, "-c", FULL_SCREEN_AND_BACK])
+    try:
+        term.wait_for(b"\x1b[?1049l")
+        term.wait_for(b"step 80\r\n")
+        wait_until(lambda: bottom_row(term).startswith("stopstep: step "), "the status row again")
+        term.type(b"\x03")
+        assert term.proc.wait(timeout=TIMEOUT) == 130
+    finally:
+        term.close()
+    full_screen = term.output[term.output.index(b"49h"):term.output.index(b"\x1b[?1049l")]
+    assert b"stopstep: step" not in full_screen and b"\x1b[r" not in full_screen  # its screen, untouched
+    assert b"\x1b[1;23r" in term.output[term.output.index(b"\x1b[?1049l"):]  # the row taken again
+    assert _whole_again(term)
+
+
+OWN_SCROLL_REGION = textwrap.dedent("""
+    import sys, time
+    sys.stdout.write("\\x1b[1;10r\\x1b[2J\\x1b[H")  # a program that keeps rows of its own
     for step in range(1, 10 ** 6):
         print(f"step {step}", flush=True)
         time.sleep(0.02)
 """)
 
 
-def test_a_full_screen_command_has_the_whole_screen():
-    term = Terminal(["run", "--last-step", "10000000", "--", sys.executable, "-c", TAKES_THE_SCREEN])
+def test_a_command_with_its_own_scroll_region_keeps_it():
+    term = Terminal(["run", "--last-step", "10000000", "--", sys.executable, "-c", OWN_SCROLL_REGION])
     try:
-        term.wait_for(b"\x1b[?1049h")
-        size = len(term.output)
-        wait_until(lambda: term.output.count(b"step ") > 40 and len(term.output) > size + 400, "steps")
-        after = term.output[term.output.index(b"\x1b[?1049h"):]
-        assert b"stopstep: step" not in after  # no status drawn over its screen
+        term.wait_for(b"step 40\r\n")
         term.type(b"\x03")
         assert term.proc.wait(timeout=TIMEOUT) == 130
     finally:
         term.close()
-    after = term.output[term.output.index(b"\x1b[?1049h"):]
-    assert b"\x1b[r" not in after  # its own scroll region was left alone
-
-
-def test_without_a_terminal_lines_every_interval(tmp_path):
-    result = run_stopstep("run", "--status-interval", "0.2", "--last-step", "40", "--", *trainer("--rate", "50"))
-    assert result.returncode == 0
-    assert b"\x1b[" not in result.stderr  # no escape sequences into a pipe
-    assert b"stopstep: progress: step " in result.stderr
+    after = term.output[term.output.index(b"\x1b[1;10r"):]
+    assert b"stopstep: step" not in after and b"\x1b[r" not in after  # its region left alone
 
 
 IGNORES_SIGINT = textwrap.dedent("""
@@ -189,3 +217,54 @@ def test_the_status_goes_on_counting_while_the_command_is_stopping():
         assert term.proc.wait(timeout=TIMEOUT) == 130
     finally:
         term.close()
+
+
+HALF_A_LINE = textwrap.dedent("""
+    import sys, time
+    print("step 1", flush=True)
+    sys.stdout.write("Name: ")
+    sys.stdout.flush()
+    import os
+    while os.get_terminal_size().columns == 80:  # until the window is resized
+        time.sleep(0.01)
+    print("XYZ", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_resize_leaves_a_half_written_line_where_it_was():
+    term = Terminal(["run", "--last-step", "100", "--", sys.executable, "-c", HALF_A_LINE])
+    try:
+        term.wait_for(b"Name: ")
+        regions = term.output.count(b"\x1b[1;")
+        term.resize(20, 70)
+        wait_until(lambda: term.output.count(b"\x1b[1;") > regions, "the region set again")
+        term.wait_for(b"XYZ")
+        wait_until(lambda: any(row.startswith("Name: XYZ") for row in term.screen().display), "the line whole")
+        term.type(b"\x03")
+        assert term.proc.wait(timeout=TIMEOUT) == 130
+    finally:
+        term.close()
+
+
+HIDES_THE_CURSOR = textwrap.dedent("""
+    import signal, sys, time
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # so the grace period's SIGKILL ends it
+    sys.stdout.write("\\x1b[?25l\\x1b[41m")  # cursor hidden, a red background, as a UI might
+    for step in range(1, 10 ** 6):
+        print(f"step {step}", flush=True)
+        time.sleep(0.02)
+""")
+
+
+def test_a_command_killed_with_sigkill_leaves_the_cursor_shown_and_colours_off():
+    term = Terminal(["run", "--last-step", "10", "--grace-period", "1", "--", sys.executable, "-c",
+                     HIDES_THE_CURSOR])
+    try:
+        assert term.proc.wait(timeout=TIMEOUT) == 137
+    finally:
+        term.close()
+    screen = term.screen()
+    assert not screen.cursor.hidden
+    summary = next(y for y, row in enumerate(screen.display) if "stopstep: stopped" in row or "reached step" in row)
+    assert screen.buffer[summary][0].bg == "default"

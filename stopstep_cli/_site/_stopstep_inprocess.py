@@ -174,13 +174,15 @@ class Client:
         once the step's values are known). True when the loop should stop now."""
         if self.disengaged:
             return False
-        try:
-            step = int(step)
-        except Exception:  # one bad call is the caller's: said once, and the stop stays on
-            if not self._said_bad_step:
-                self._said_bad_step = True
-                _say("%s: step %.60r is not a whole number; that call is ignored" % (framework, step))
-            return False
+        if type(step) is not int or not -_MAX_STEP <= step <= _MAX_STEP:
+            whole = _whole_step(step)
+            if whole is None:  # one bad call is the caller's: said once, and the stop stays on
+                if not self._said_bad_step:
+                    self._said_bad_step = True
+                    _say("%s: step %.60r is not a whole number up to 10^18; that call is ignored"
+                         % (framework, step))
+                return False
+            step = whole
         if self._lock_pid != os.getpid():
             self._lock, self._lock_pid = _allocate_lock(), os.getpid()
         if not self._lock.acquire(False):
@@ -436,6 +438,37 @@ def install():
         _install_hooks()
     except Exception as exc:
         _disengage_everything("install: %r" % (exc,))
+
+
+_MAX_STEP = 10 ** 18 - 1  # as the supervisor's targets and log lines: a longer number is no step
+
+
+def _whole_step(value):
+    """``value`` as a whole step number (a numpy or tensor integer, 12.0, "12"), or None."""
+    import operator
+
+    try:
+        step = operator.index(value)
+    except TypeError:
+        try:
+            number = float(value)
+        except Exception:
+            return None
+        if not number.is_integer():
+            return None
+        step = int(number)
+    except Exception:
+        return None
+    return step if -_MAX_STEP <= step <= _MAX_STEP else None
+
+
+def prepare():
+    """Import what engaging needs, now: called where the beacon is imported (most often the
+    main thread, before any fork). A first call on another thread would otherwise import
+    them while the main thread may fork, and the child inherit the import's lock, held."""
+    import json  # noqa: F401
+    import select  # noqa: F401
+    import socket  # noqa: F401
 
 
 def beacon_step(step, values):
