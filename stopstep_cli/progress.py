@@ -4,9 +4,9 @@ On a terminal, the bottom row is kept for stopstep's status (step, target,
 steps/s, ETA) with a scroll region (``ESC [ top ; bottom r``, as apt's
 ``Progress: [ 40%]`` bar does): the command's output, its own ``\\r`` bars
 included, scrolls in the rows above and never reaches the status row, so the
-status is there all the time (unless the command sets a scroll region of its own
-or switches to the alternate screen: a full-screen program owns the screen, and
-the status line is then off for the rest of the run) and is redrawn on a timer, with the cursor saved
+status is there all the time (a command that manages the screen owns it: the row
+is given up while it is on the alternate screen, and for good once it sets a
+scroll region of its own) and is redrawn on a timer, with the cursor saved
 and restored around it. It is drawn only between whole escape sequences and
 whole characters of the command's output, never inside one. The terminal is
 given back whole at every ending (the region reset, the status row cleared),
@@ -38,12 +38,11 @@ REDRAW_EVERY = 0.5
 _OPEN_ESCAPE = re.compile(rb"\x1b(?:\[[\x30-\x3f]*[\x20-\x2f]*|[\]P_^X][^\x07\x1b]*|)\Z")
 
 
-# The command managing the screen itself: its own scroll region (DECSTBM) or the
-# alternate screen. The bottom row is then its, not ours.
-_TAKES_THE_SCREEN = re.compile(rb"\x1b\[(?:[0-9;]*r|\?(?:1049|1047|47)h)")
+# The command managing the screen itself: the alternate screen (until it leaves it) or a
+# scroll region of its own (DECSTBM). The bottom row is then its, not ours.
 _ENTERS_THE_ALTERNATE_SCREEN = re.compile(rb"\x1b\[\?(?:1049|1047|47)h")
-# ...and leaving the alternate screen: the main screen, and our row, are back.
 _LEAVES_THE_ALTERNATE_SCREEN = re.compile(rb"\x1b\[\?(?:1049|1047|47)l")
+_SETS_A_SCROLL_REGION = re.compile(rb"\x1b\[[0-9;]*r")
 
 
 def terminal_size(fd: int) -> Optional[tuple]:
@@ -189,14 +188,19 @@ class Progress:
             return
         # where a sequence may stand: this write, and across its start (one split in two)
         seams = (written, 0, n), (before + bytes(written[:min(n, 8)]), 0, len(before) + min(n, 8))
-        if self.yielded is None and self.region is not None and any(_TAKES_THE_SCREEN.search(*s) for s in seams):
+
+        def found(pattern) -> bool:
+            return any(pattern.search(*seam) for seam in seams)
+
+        if self.yielded is None and self.region is not None:
             # A full-screen program (or one that set its own region): redrawing our row, or
             # resetting the region at the end, would break its screen. It has the whole screen.
-            alternate = any(_ENTERS_THE_ALTERNATE_SCREEN.search(*s) for s in seams)
-            with self._lock:
-                self.region = None
-                self.yielded = "alternate" if alternate else "region"
-        elif self.yielded == "alternate" and any(_LEAVES_THE_ALTERNATE_SCREEN.search(*s) for s in seams):
+            yielded = "alternate" if found(_ENTERS_THE_ALTERNATE_SCREEN) else \
+                "region" if found(_SETS_A_SCROLL_REGION) else None
+            if yielded is not None:
+                with self._lock:
+                    self.region, self.yielded = None, yielded
+        elif self.yielded == "alternate" and found(_LEAVES_THE_ALTERNATE_SCREEN):
             self.yielded = None  # back on the main screen: our row again (where the status was)
             self.start()
 
