@@ -3,6 +3,7 @@ rendered with pyte as a terminal would show it."""
 
 from __future__ import annotations
 
+import platform
 import re
 import signal
 import sys
@@ -67,6 +68,30 @@ def test_the_status_is_always_on_the_bottom_row(command, preset):
     assert "stopstep: received SIGINT" in "\n".join(screen.display) or b"received SIGINT" in term.output
 
 
+_SIGTIMEDWAIT = {"x86_64": "128", "aarch64": "137"}  # rt_sigtimedwait's number
+
+
+def listening(term: Terminal) -> None:
+    """Wait until stopstep's listener is in the command's group: the terminal's signals (a resize)
+    reach stopstep from then on (one sent before it joined reached the command alone)."""
+    supervisor = psutil.Process(term.proc.pid)
+
+    def joined() -> bool:
+        try:
+            for child in supervisor.children():
+                if "-S" in child.cmdline() and "-c" in child.cmdline():
+                    wait_call = _SIGTIMEDWAIT.get(platform.machine())
+                    if wait_call is None:
+                        return True  # no way to tell here: its being there has to do
+                    with open(f"/proc/{child.pid}/syscall") as fh:
+                        return fh.read().split()[0] == wait_call  # in rt_sigtimedwait: it hears them now
+        except (psutil.Error, OSError):
+            pass
+        return False
+
+    wait_until(joined, "the terminal listener")
+
+
 def _whole_again(term: Terminal) -> bool:
     screen = term.screen()
     return screen.margins is None or tuple(screen.margins) == (0, term.size[0] - 1)
@@ -95,7 +120,7 @@ def test_ctrl_z_gives_the_whole_terminal_back_and_fg_takes_the_row_again(pidfile
         supervisor = psutil.Process(term.proc.pid)
         term.type(b"\x1a")
         wait_until(lambda: supervisor.status() == psutil.STATUS_STOPPED, "stopstep stopped")
-        assert _whole_again(term)  # the shell gets a whole terminal
+        wait_until(lambda: _whole_again(term), "the whole terminal")  # the shell gets it (read by now)
         regions = term.output.count(b"\x1b[1;23r")
         supervisor.send_signal(signal.SIGCONT)  # fg
         wait_until(lambda: term.output.count(b"\x1b[1;23r") > regions, "the bottom row kept again")
@@ -125,6 +150,7 @@ def test_the_status_row_and_the_commands_window_follow_a_resize():
     term = Terminal(["run", "--last-step", "10000000", "--", sys.executable, "-c", SIZE_EACH_STEP])
     try:
         term.wait_for(b"window 24x80")
+        listening(term)
         term.resize(30, 100)
         wait_until(lambda: b"\x1b[1;29r" in term.output, "the region set for 30 rows")
         term.wait_for(b"window 30x100")  # the command's pseudo-terminal follows the window
@@ -236,6 +262,7 @@ def test_a_resize_leaves_a_half_written_line_where_it_was():
     term = Terminal(["run", "--last-step", "100", "--", sys.executable, "-c", HALF_A_LINE])
     try:
         term.wait_for(b"Name: ")
+        listening(term)
         regions = term.output.count(b"\x1b[1;")
         term.resize(20, 70)
         wait_until(lambda: term.output.count(b"\x1b[1;") > regions, "the region set again")
