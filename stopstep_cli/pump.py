@@ -29,6 +29,7 @@ READ_SIZE = 1 << 20
 #: attributes off, cursor shown: what a killed command could not do itself
 RESET_TERMINAL = b"\x1b[0m\x1b[?25h"
 
+
 class Stream:
     """One output stream of the command: where it is read, and where it goes."""
 
@@ -153,10 +154,10 @@ class OutputPump:
         done = set()
         for fd in fds:
             try:
-                if not is_terminal(fd) or os.fstat(fd).st_rdev in done:
-                    continue
-                done.add(os.fstat(fd).st_rdev)
-                os.write(fd, RESET_TERMINAL)
+                device = os.fstat(fd).st_rdev
+                if is_terminal(fd) and device not in done:
+                    done.add(device)
+                    os.write(fd, RESET_TERMINAL)
             except OSError:
                 pass
 
